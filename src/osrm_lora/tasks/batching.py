@@ -1,0 +1,129 @@
+"""Tokenisation and batches with dynamic padding.
+
+Each batch is padded only to its own longest example, and carries the attention mask, so statistics count
+real tokens only and no compute is spent on a global maximum length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import datasets
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .sampling import make_rng
+from .spec import TaskError, TaskSpec
+
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+ENCODE_CHUNK = 1024
+
+
+def tokenize(dataset: datasets.Dataset, tokenizer, spec: TaskSpec, max_length: int = 128) -> datasets.Dataset:
+    """Token ids (truncated to `max_length`, unpadded), attention mask, token types if the model uses them,
+    and `labels`, one row per example in the same order."""
+    if max_length < 2:
+        raise TaskError(f"task {spec.name!r}: max_length must be at least 2, got {max_length}")
+    if spec.is_pair and "text_pair" not in dataset.column_names:
+        raise TaskError(f"task {spec.name!r} is a sentence-pair task but the dataset has no text_pair column")
+    columns: dict[str, list] = {"input_ids": [], "attention_mask": []}
+    for start in range(0, len(dataset), ENCODE_CHUNK):
+        chunk = dataset[start:start + ENCODE_CHUNK]
+        pairs = chunk["text_pair"] if spec.is_pair else None
+        encoded = tokenizer(chunk["text"], pairs, truncation=True, max_length=max_length, padding=False)
+        for key in TOKEN_COLUMNS:
+            if key in encoded:
+                columns.setdefault(key, []).extend(encoded[key])
+    columns["labels"] = dataset[:]["label"]
+    return datasets.Dataset.from_dict(columns)
+
+
+def pad_id_of(tokenizer) -> int:
+    """The padding token id; decoder-only tokenizers without one pad with end-of-sequence (masked anyway)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise TaskError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token to pad with")
+
+
+class Collator:
+    """Pads a list of tokenised rows to the longest one, on the tokenizer's padding side."""
+
+    def __init__(self, pad_id: int, left: bool, regression: bool):
+        self.pad_id, self.left, self.regression = pad_id, left, regression
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(r["input_ids"]) for r in rows)
+        batch: dict[str, torch.Tensor] = {}
+        for key in TOKEN_COLUMNS:
+            if key not in rows[0]:
+                continue
+            fill = self.pad_id if key == "input_ids" else 0
+            out = torch.full((len(rows), length), fill, dtype=torch.long)
+            for i, r in enumerate(rows):
+                values = torch.as_tensor(r[key], dtype=torch.long)
+                if self.left:
+                    out[i, length - len(values):] = values
+                else:
+                    out[i, :len(values)] = values
+            batch[key] = out
+        batch["labels"] = torch.tensor(
+            [r["labels"] for r in rows], dtype=torch.float32 if self.regression else torch.long
+        )
+        return batch
+
+
+class SeededShuffle(Sampler[int]):
+    """A fresh PCG64 permutation per epoch, fixed by (seed, epoch), identical on every machine."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __iter__(self) -> Iterator[int]:
+        order = make_rng(self.seed, f"epoch-{self.epoch}").permutation(self.n)
+        self.epoch += 1
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Column lists read once from the Arrow table: indexing Python lists is far cheaper per row."""
+
+    def __init__(self, columns: dict[str, list]):
+        self.columns = columns
+        self.n = len(columns["input_ids"])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {key: values[i] for key, values in self.columns.items()}
+
+
+def make_dataloader(
+    dataset: datasets.Dataset,
+    tokenizer,
+    spec: TaskSpec,
+    batch_size: int,
+    max_length: int = 128,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """Batches of `input_ids`, `attention_mask`, (`token_type_ids`), `labels`, dynamically padded.
+
+    `dataset` may be a task split (it is tokenised here) or the output of `tokenize`.
+    """
+    if batch_size < 1:
+        raise TaskError(f"task {spec.name!r}: batch_size must be positive, got {batch_size}")
+    if "input_ids" not in dataset.column_names:
+        dataset = tokenize(dataset, tokenizer, spec, max_length)
+    if len(dataset) == 0:
+        raise TaskError(f"task {spec.name!r}: no examples to batch")
+    rows = dataset[:]
+    columns = {k: rows[k] for k in (*TOKEN_COLUMNS, "labels") if k in rows}
+    collate = Collator(pad_id_of(tokenizer), getattr(tokenizer, "padding_side", "right") == "left", spec.is_regression)
+    sampler = SeededShuffle(len(dataset), seed) if shuffle else None
+    return DataLoader(_Rows(columns), batch_size=batch_size, sampler=sampler, collate_fn=collate)
+
