@@ -1,0 +1,211 @@
+"""The merge engine: validate inputs once, then produce merged modules one at a time.
+
+`merge_adapters` checks everything that can be checked up front (method, hyper-parameters, adapter
+compatibility, per-task statistics) and returns a lazy `Merged`. Iterating it builds each module's inputs,
+calls the method's pure per-module function and yields the result, so a caller that applies or writes each
+module and drops it never holds more than one module's dense updates for all tasks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import LoraAdapter, LoraFactors, check_compatible
+from ..stats import TaskStats
+from .registry import MethodParams, MethodSpec, get_method
+from .types import MergedModule, ModuleInputs, resolve_weights
+
+AdapterLike = LoraAdapter | str | os.PathLike
+PerTask = Sequence[Any] | Mapping[str, Any]
+
+
+def load_adapters(adapters: Sequence[AdapterLike]) -> list[LoraAdapter]:
+    """Adapters from objects or PEFT folders; names must be unique since they identify the tasks."""
+    if not adapters:
+        raise ValueError("no adapters to merge")
+    loaded = [a if isinstance(a, LoraAdapter) else LoraAdapter.load(Path(a)) for a in adapters]
+    for i, a in enumerate(loaded):
+        if not a.name:
+            a.name = f"adapter{i}"
+    for a in loaded:
+        if a.config.get("use_dora"):
+            raise ValueError(f"adapter {a.name!r} is a DoRA adapter: its update is not s·B·A and cannot be merged here")
+    names = [a.name for a in loaded]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"adapter names must be unique (they name the tasks); repeated: {duplicates}")
+    check_compatible(loaded)
+    return loaded
+
+
+def _per_task(values: PerTask, tasks: list[str], what: str) -> list[Any]:
+    """Align per-task inputs given as a sequence (adapter order) or a mapping by adapter name."""
+    if isinstance(values, Mapping):
+        missing = [t for t in tasks if t not in values]
+        if missing:
+            raise ValueError(f"no {what} for adapters {missing} (have {sorted(values)})")
+        return [values[t] for t in tasks]
+    values = list(values)
+    if len(values) != len(tasks):
+        raise ValueError(f"{len(values)} {what} given for {len(tasks)} adapters {tasks}")
+    return values
+
+
+class Merged:
+    """A lazy merge result: iterate it for `MergedModule`s in module order (each iteration recomputes)."""
+
+    def __init__(
+        self, spec: MethodSpec, params: MethodParams, adapters: list[LoraAdapter],
+        extras: dict[str, list[Mapping[str, torch.Tensor]]], device: torch.device | None,
+        results: list[MergedModule] | None = None, factor: float = 1.0,
+    ) -> None:
+        self.spec = spec
+        self.params = params
+        self.adapters = {a.name: a for a in adapters}
+        self.modules: list[str] = sorted(adapters[0].modules)
+        self._extras = extras
+        self._device = device
+        self._results = results
+        self._factor = factor
+
+    @property
+    def method(self) -> str:
+        return self.spec.name
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.adapters)
+
+    @property
+    def config(self) -> dict:
+        """The first adapter's PEFT config (base model, task type) as the template for exported adapters."""
+        return next(iter(self.adapters.values())).config
+
+    @property
+    def per_task(self) -> bool:
+        """True when each task needs its own update at inference (EMR)."""
+        return self.spec.totals is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "params": self.params.model_dump(), "tasks": self.tasks,
+            "modules": len(self.modules), "base_model": next(iter(self.adapters.values())).base_model,
+        }
+
+    def inputs(self, module: str, totals: torch.Tensor | None = None) -> ModuleInputs:
+        """One module's inputs for the method: float32 factors and per-task extras on the merge device."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=self._device, dtype=torch.float32) if self._device else t.to(torch.float32)
+
+        factors = [
+            LoraFactors(move(a.modules[module].A), move(a.modules[module].B), a.modules[module].scale)
+            for a in self.adapters.values()
+        ]
+        extras = {key: [move(per[module]) for per in values] for key, values in self._extras.items()}
+        return ModuleInputs(module, self.tasks, factors, extras, totals=totals)
+
+    def _totals(self) -> torch.Tensor:
+        total = None
+        for module in self.modules:
+            part = self.spec.totals(self.inputs(module), self.params)  # type: ignore[misc]
+            total = part if total is None else total + part
+        return total  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[MergedModule]:
+        if self._results is not None:
+            return (r.scaled(self._factor) for r in self._results)
+        return self._compute()
+
+    def _compute(self) -> Iterator[MergedModule]:
+        totals = self._totals() if self.spec.needs_totals(self.params) else None
+        for module in self.modules:
+            yield self.spec.fn(self.inputs(module, totals), self.params)
+
+    def materialize(self) -> Merged:
+        """Compute every module once and keep the results (memory: one merged update per module)."""
+        return Merged(self.spec, self.params, list(self.adapters.values()), self._extras, self._device,
+                      results=list(self), factor=1.0)
+
+    def rescaled(self, scaling: float) -> Merged:
+        """A materialized merge with λ replaced by `scaling` (exact: λ is a pure post-factor)."""
+        if self._results is None or not self.spec.post_scale:
+            raise ValueError(f"merge method {self.method!r}: only a materialized post-scaled merge can be rescaled")
+        base = self.params.scaling  # type: ignore[attr-defined]
+        if base == 0:
+            raise ValueError("cannot rescale a merge computed with scaling=0")
+        params = self.params.model_copy(update={"scaling": float(scaling)})
+        return Merged(self.spec, params, list(self.adapters.values()), self._extras, self._device,
+                      results=self._results, factor=float(scaling) / base)
+
+
+def merge_adapters(
+    adapters: Sequence[AdapterLike], method: str, *, stats: PerTask | None = None,
+    fisher: PerTask | None = None, device: str | torch.device | None = None, **hyperparams: Any,
+) -> Merged:
+    """Merge LoRA adapters (objects or PEFT folders) with a registered method; returns a lazy `Merged`.
+
+    `stats` (TaskStats per adapter: RegMean's Gram matrices) and `fisher` ({module: out×in diagonal Fisher}
+    per adapter) are given in adapter order or as a mapping by adapter name. Everything is validated here,
+    before any module is merged; errors name the adapter, the module and the mismatch.
+    """
+    spec = get_method(method)
+    params = spec.parse(hyperparams)
+    loaded = load_adapters(adapters)
+    tasks = [a.name for a in loaded]
+    if "weights" in spec.params.model_fields:
+        resolve_weights(params.weights, len(loaded))  # type: ignore[attr-defined]
+    shapes = {m: (f.B.shape[0], f.A.shape[1]) for m, f in loaded[0].modules.items()}
+    extras: dict[str, list[Mapping[str, torch.Tensor]]] = {}
+    given = {"gram": stats, "fisher": fisher}
+    for key in spec.requires:
+        if given[key] is None:
+            needed = "stats= (TaskStats per adapter)" if key == "gram" else "fisher= (per-adapter Fisher diagonals)"
+            raise ValueError(f"merge method {method!r} needs {needed}")
+    for key, value in given.items():
+        if value is not None and key not in spec.requires:
+            raise ValueError(f"merge method {method!r} does not use {'stats' if key == 'gram' else key}=")
+    if stats is not None:
+        extras["gram"] = [_grams(s, name, shapes) for s, name in zip(_per_task(stats, tasks, "statistics"), tasks)]
+    if fisher is not None:
+        extras["fisher"] = [
+            _check_fisher(f, name, shapes) for f, name in zip(_per_task(fisher, tasks, "Fisher diagonals"), tasks)
+        ]
+    return Merged(spec, params, loaded, extras, torch.device(device) if device is not None else None)
+
+
+def _grams(stats: TaskStats, adapter: str, shapes: dict[str, tuple[int, int]]) -> Mapping[str, torch.Tensor]:
+    stats.check_matches(modules={m: d_in for m, (_, d_in) in shapes.items()}, source=f"statistics for adapter {adapter!r}")
+    return stats.second
+
+
+def _check_fisher(
+    fisher: Mapping[str, torch.Tensor], adapter: str, shapes: dict[str, tuple[int, int]]
+) -> Mapping[str, torch.Tensor]:
+    for m, shape in shapes.items():
+        if m not in fisher:
+            raise ValueError(f"Fisher diagonal of adapter {adapter!r} has no module {m}")
+        if tuple(fisher[m].shape) != tuple(shape):
+            raise ValueError(
+                f"Fisher diagonal of adapter {adapter!r}, module {m}: shape {tuple(fisher[m].shape)} != out×in {shape}"
+            )
+    return fisher
+
+
+def merge_sweep(
+    adapters: Sequence[AdapterLike], method: str, lambdas: Iterable[float], **kwargs: Any
+) -> Iterator[tuple[float, Merged]]:
+    """(λ, merge) over a grid, merging only once: λ multiplies the unscaled merge (exact for every method
+    with a `scaling` hyper-parameter). The unscaled per-module results are kept in memory for the sweep."""
+    spec = get_method(method)
+    if not spec.post_scale:
+        raise ValueError(f"merge method {method!r} has no global scaling λ to sweep")
+    if "scaling" in kwargs:
+        raise ValueError("merge_sweep sets scaling itself from lambdas; do not pass scaling=")
+    unscaled = merge_adapters(adapters, method, scaling=1.0, **kwargs).materialize()
+    for lam in lambdas:
+        yield float(lam), unscaled.rescaled(lam)

@@ -1,0 +1,141 @@
+"""Registry of merge methods: each is a pure per-module function plus a typed, documented hyper-parameter model.
+
+A method is registered under a name with a pydantic model whose fields (type, default, description) are its
+hyper-parameters, so the CLI can list them (`osrm-lora merge --list`) and validate user input before any tensor
+is touched. The function itself sees ONE module at a time (`ModuleInputs` -> `MergedModule`); the engine does
+the iteration, which keeps peak memory at one module's dense updates for all tasks.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .types import MergedModule, ModuleInputs
+
+MethodFn = Callable[[ModuleInputs, Any], MergedModule]
+TotalsFn = Callable[[ModuleInputs, Any], torch.Tensor]
+
+
+class MethodParams(BaseModel):
+    """Base of every method's hyper-parameters: unknown names are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScaledParams(MethodParams):
+    """Methods whose result is multiplied by a global λ at the end (so a λ sweep reuses one merge)."""
+
+    scaling: float = Field(1.0, description="λ: global factor multiplying the merged update (W0 + λ·ΔW_merged).")
+
+
+class WeightedParams(ScaledParams):
+    weights: list[float] | None = Field(
+        None, description="Per-task weights w_i, in adapter order (default: 1 for every task)."
+    )
+
+
+@dataclass
+class MethodSpec:
+    """A registered method. `totals` (optional) is a per-module reduction summed over all modules in a first
+    pass and handed to `fn` as `inputs.totals` (EMR's model-wide rescalers need it)."""
+
+    name: str
+    fn: MethodFn
+    params: type[MethodParams]
+    summary: str
+    requires: tuple[str, ...] = ()
+    exact_low_rank: bool = False
+    totals: TotalsFn | None = None
+
+    @property
+    def post_scale(self) -> bool:
+        """True when `scaling` is a pure post-factor, so a λ grid can reuse one unscaled merge."""
+        return "scaling" in self.params.model_fields
+
+    def needs_totals(self, params: MethodParams) -> bool:
+        return self.totals is not None and getattr(params, "rescale_scope", "model") == "model"
+
+    def parse(self, hyperparams: dict[str, Any]) -> MethodParams:
+        """Validate user hyper-parameters; the error names the method, the parameter and what it accepts."""
+        try:
+            return self.params(**hyperparams)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"]) or "(all)"
+                if err["type"] == "extra_forbidden":
+                    accepted = ", ".join(self.params.model_fields) or "none"
+                    problems.append(f"unknown hyper-parameter {where!r} (accepted: {accepted})")
+                else:
+                    problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            raise ValueError(f"merge method {self.name!r}: " + "; ".join(problems)) from None
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(
+    name: str, params: type[MethodParams], summary: str, *, requires: tuple[str, ...] = (),
+    exact_low_rank: bool = False, totals: TotalsFn | None = None,
+) -> Callable[[MethodFn], MethodFn]:
+    """Decorator: register `fn(inputs, params) -> MergedModule` as merge method `name`."""
+
+    def wrap(fn: MethodFn) -> MethodFn:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} is already registered")
+        _REGISTRY[name] = MethodSpec(name, fn, params, summary, requires, exact_low_rank, totals)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method `name`; an unknown name is an error listing the closest known names."""
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ValueError(
+            f"unknown merge method {name!r}; {hint}known methods: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """Name, summary, requirements and documented hyper-parameters (type, default) of every method."""
+    _load_builtin_methods()
+    out = []
+    for name in sorted(_REGISTRY):
+        spec = _REGISTRY[name]
+        parameters = [
+            {
+                "name": field_name,
+                "type": _type_name(field.annotation),
+                "default": field.get_default(call_default_factory=True),
+                "description": field.description or "",
+            }
+            for field_name, field in spec.params.model_fields.items()
+        ]
+        out.append({
+            "name": name, "summary": spec.summary, "requires": list(spec.requires),
+            "exact_low_rank": spec.exact_low_rank, "parameters": parameters,
+        })
+    return out
+
+
+def _type_name(annotation: Any) -> str:
+    if getattr(annotation, "__args__", None):
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _load_builtin_methods() -> None:
+    """Import the method modules so their @register decorators run."""
+    from . import dare, emr, fisher, knots, regmean, task_arithmetic, ties  # noqa: F401

@@ -1,0 +1,111 @@
+"""What a merge method receives for one module and what it returns.
+
+Methods never see the whole model: the engine hands them one module's per-task LoRA factors (and any per-task
+statistics such as Gram matrices or Fisher diagonals) and gets back that module's merged update, either as an
+exact low-rank factorisation, as a dense matrix, or (EMR) as a unified update with per-task modulators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..adapters import LoraFactors
+
+
+@dataclass
+class ModuleInputs:
+    """One module's inputs: factors of every task (float32, on the merge device) and per-task extras."""
+
+    name: str
+    tasks: list[str]
+    factors: list[LoraFactors]
+    extras: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    totals: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        f = self.factors[0]
+        return int(f.B.shape[0]), int(f.A.shape[1])
+
+    def stacked_deltas(self) -> torch.Tensor:
+        """Dense per-task updates ΔW_i = s_i B_i A_i as one T×out×in tensor, built on demand by the methods
+        that need them and written in place (no second copy of all tasks)."""
+        f0 = self.factors[0]
+        out = torch.empty((len(self.factors), *self.shape), dtype=torch.float32, device=f0.B.device)
+        for i, f in enumerate(self.factors):
+            torch.matmul(f.B, f.A, out=out[i])
+            out[i].mul_(f.scale)
+        return out
+
+    def extra(self, key: str) -> list[torch.Tensor]:
+        try:
+            return self.extras[key]
+        except KeyError:
+            raise ValueError(f"module {self.name}: the merge method needs per-task {key!r} tensors") from None
+
+
+@dataclass
+class MergedModule:
+    """One module's merged update.
+
+    `factors` is set when the result is exactly low rank (ΔW = factors.delta()), otherwise `delta` holds the
+    dense out×in update. EMR results also carry per-task boolean masks and rescalers: task t's update is
+    `task_scales[t] · task_masks[t] ⊙ delta`, so the task must be known at inference.
+    """
+
+    name: str
+    delta: torch.Tensor | None = None
+    factors: LoraFactors | None = None
+    task_masks: dict[str, torch.Tensor] | None = None
+    task_scales: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.delta is None) == (self.factors is None):
+            raise ValueError(f"module {self.name}: a merged module needs exactly one of delta or factors")
+
+    @property
+    def per_task(self) -> bool:
+        return self.task_masks is not None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.factors is not None:
+            return int(self.factors.B.shape[0]), int(self.factors.A.shape[1])
+        return tuple(self.delta.shape)  # type: ignore[union-attr,return-value]
+
+    def dense(self) -> torch.Tensor:
+        """The shared (task-independent) merged update as a dense out×in matrix."""
+        return self.factors.delta(torch.float32) if self.factors is not None else self.delta  # type: ignore
+
+    def for_task(self, task: str | None) -> torch.Tensor:
+        """The update to apply when serving `task`; only per-task methods (EMR) need it."""
+        if not self.per_task:
+            return self.dense()
+        if task is None:
+            raise ValueError(
+                f"module {self.name}: this merge keeps per-task modulators (EMR); pass the task to apply "
+                f"(one of {sorted(self.task_masks)})"  # type: ignore[arg-type]
+            )
+        if task not in self.task_masks:  # type: ignore[operator]
+            raise ValueError(f"module {self.name}: unknown task {task!r}; merged tasks: {sorted(self.task_masks)}")
+        return self.task_scales[task] * (self.task_masks[task] * self.dense())  # type: ignore[index]
+
+    def scaled(self, factor: float) -> MergedModule:
+        """The same update multiplied by `factor` (λ); exact for low-rank and dense results alike."""
+        if self.per_task:
+            raise ValueError(f"module {self.name}: per-task (EMR) results have no global scaling")
+        if self.factors is not None:
+            f = self.factors
+            return replace(self, factors=LoraFactors(f.A, f.B, f.scale * factor))
+        return replace(self, delta=self.delta * factor)  # type: ignore[operator]
+
+
+def resolve_weights(weights: list[float] | None, n_tasks: int) -> list[float]:
+    """Per-task weights, defaulting to 1; a list of the wrong length is an error."""
+    if weights is None:
+        return [1.0] * n_tasks
+    if len(weights) != n_tasks:
+        raise ValueError(f"weights has {len(weights)} entries but {n_tasks} adapters are merged")
+    return [float(w) for w in weights]
