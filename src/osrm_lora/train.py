@@ -1,0 +1,520 @@
+"""Fine-tune one LoRA adapter on one task with `transformers.Trainer`, and save it atomically.
+
+The adapter starts from PEFT's default LoRA init (``gaussian``, the baseline: kaiming-uniform A, B = 0), from
+OSRM's subspace of the other tasks' inputs (``osrm``; ``osrm-mean`` is the official code's mean-based
+variant), or from PEFT's PiSSA/OLoRA. Training is plain `Trainer`, so it runs unchanged on several GPUs::
+
+    torchrun --nproc_per_node 4 -m osrm_lora.cli train ...
+    accelerate launch -m osrm_lora.cli train ...
+
+(`batch_size` is per process; statistics and subspaces are computed beforehand, once.)
+
+Output: ``output_dir/`` holds the PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``, with
+the task head inside as a module-to-save, since heads stay per task after merging), the tokenizer files
+and ``osrm_lora.json`` (task, init, subspace fingerprint, seed, settings, dev metrics, timings, base model
+and its config hash, versions). Training runs in ``output_dir.partial/`` with Trainer checkpoints and the
+final folder appears in one rename, so an interrupted run leaves no ``output_dir``; ``resume=True``
+continues from the partial folder's last checkpoint.
+
+PiSSA and OLoRA subtract the adapter's initial product from the base weights, so their trained adapter is
+only valid on that modified base, never on the shared base that merging needs. The adapter is therefore
+saved through PEFT's conversion as a standard LoRA of rank 2r, ``ΔW = BA − B₀A₀``, on the unmodified base.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.pytorch_utils import Conv1D
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import __version__
+from .adapters import lora_scale
+from .init import osrm_init
+from .io import atomic_dir, load_tensors, save_tensors, write_json
+from .modules import default_target_modules, find_target_modules
+from .stats import TaskStats, model_config_hash
+from .subspace import Subspace, subspace_from_others
+from .tasks import Task, TaskSpec, compute_metrics, resolve_model_path, tokenize
+
+logger = logging.getLogger(__name__)
+
+InitMethod = Literal["gaussian", "osrm", "osrm-mean", "pissa", "olora"]
+INIT_METHODS: tuple[str, ...] = ("gaussian", "osrm", "osrm-mean", "pissa", "olora")
+METADATA_NAME = "osrm_lora.json"
+METADATA_FORMAT = "osrm-lora/adapter/1"
+RUN_NAME = "run.json"
+INITIAL_FACTORS = "initial_factors.safetensors"
+# Subspace variants each OSRM init accepts.
+OSRM_VARIANTS = {"osrm": ("cov", "centered"), "osrm-mean": ("mean",)}
+# Inits that move the initial adapter out of the base weights and are saved converted to rank 2r.
+BASE_MUTATING = ("pissa", "olora")
+# PEFT `init_lora_weights` per init; the OSRM inits start from PEFT's default and then overwrite A.
+PEFT_INIT = {"gaussian": True, "osrm": True, "osrm-mean": True, "pissa": "pissa", "olora": "olora"}
+_EVAL_BOOKKEEPING = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
+
+
+class LoraSettings(BaseModel):
+    """The adapter's shape and which factors train."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale alpha/r (alpha/sqrt(r) with rsLoRA)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | str | None = Field(
+        None, description="module names or a full-match regex; None: the model type's query/value projections"
+    )
+    use_rslora: bool = Field(False, description="rank-stabilised scale alpha/sqrt(r)")
+    freeze: Literal["none", "A", "B"] = Field("none", description="keep lora_A or lora_B at its initial value")
+
+
+class TrainingSettings(BaseModel):
+    """Optimisation knobs, mapped one to one onto `transformers.TrainingArguments`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (linear decay after warmup)")
+    epochs: float = Field(3.0, gt=0, description="training epochs (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(32, gt=0, description="examples per device per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="fraction of the steps with a linear warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_length: int = Field(128, gt=0, description="tokens per example after truncation")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 (fp16 if unsupported) on a CUDA GPU, fp32 otherwise; bf16/fp16 need a GPU"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+    eval_each_epoch: bool = Field(True, description="evaluate on the dev split after each epoch")
+    keep_best: bool = Field(False, description="end with the epoch of best dev primary metric")
+    save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps; None: after each epoch")
+    logging_steps: int = Field(50, gt=0, description="log the training loss every N steps")
+    max_train_examples: int | None = Field(None, gt=0, description="subsample the train split")
+    max_eval_examples: int | None = Field(None, gt=0, description="subsample the dev split")
+    progress: bool = Field(True, description="show progress bars")
+
+    @model_validator(mode="after")
+    def _best_needs_epoch_evaluation(self) -> TrainingSettings:
+        if self.keep_best and not self.eval_each_epoch:
+            raise ValueError("keep_best needs eval_each_epoch=true (the best epoch is chosen on dev)")
+        if self.keep_best and self.save_steps is not None:
+            raise ValueError("keep_best needs save_steps unset (checkpoints must coincide with the evaluations)")
+        return self
+
+
+@dataclass
+class TrainResult:
+    """What one fine-tuning run produced; `model` is the trained PEFT model, still in memory."""
+
+    path: Path
+    metrics: dict[str, float]  # dev metrics of the saved adapter (empty without a dev split)
+    wall_time: float
+    train_loss: float
+    steps: int
+    step_time: float  # median seconds per optimizer step; data loading, evaluation and saving excluded
+    metadata: dict[str, Any]
+    history: list[dict] = field(default_factory=list)  # the Trainer's log history
+    model: Any = None
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    """The concrete precision: bf16/fp16 only on a CUDA GPU (bf16 where it is supported)."""
+    if precision == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision in ("bf16", "fp16") and not cuda:
+        raise ValueError(f"training.precision={precision!r} needs a CUDA GPU and none is available; "
+                         f"use 'auto' or 'fp32'")
+    return precision
+
+
+def subspace_fingerprint(subspace: Subspace) -> str:
+    """Hash of a subspace's bases, so an adapter records exactly which directions it started from."""
+    digest = hashlib.sha256()
+    for module in sorted(subspace.A):
+        basis = subspace.A[module].detach().cpu().float().contiguous()
+        digest.update(f"{module}:{tuple(basis.shape)};".encode())
+        digest.update(basis.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_model_and_tokenizer(model_name: str, spec: TaskSpec, trust_remote_code: bool = False):
+    """A float32 sequence-classification model sized for the task's labels, and its tokenizer.
+
+    Decoders without a pad token pad with eos; the model config gets that id, so its head reads the last real
+    token of each padded sequence.
+    """
+    path = resolve_model_path(model_name)
+    labels = ["score"] if spec.is_regression else list(spec.label_names)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        problem_type="regression" if spec.is_regression else "single_label_classification",
+        trust_remote_code=trust_remote_code,
+        dtype=torch.float32,
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model {model_name!r}: the tokenizer has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def freeze_factor(peft_model, factor: Literal["none", "A", "B"]) -> list[str]:
+    """Stop gradients to every `lora_A` (factor "A") or `lora_B` ("B") parameter; returns their names."""
+    if factor == "none":
+        return []
+    frozen = []
+    for name, param in peft_model.named_parameters():
+        if f".lora_{factor}." in name:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def _check_init(init: str, subspace: Subspace | None, other_stats: Sequence[TaskStats] | None) -> None:
+    if init not in INIT_METHODS:
+        raise ValueError(f"init={init!r} is unknown; choose one of {', '.join(INIT_METHODS)}")
+    if init in OSRM_VARIANTS:
+        if subspace is None and not other_stats:
+            raise ValueError(f"init={init!r} needs the task's subspace or the other tasks' statistics (other_stats)")
+        if subspace is not None and other_stats:
+            raise ValueError(f"init={init!r}: pass either subspace or other_stats, not both")
+    elif subspace is not None or other_stats:
+        raise ValueError(f"init={init!r} uses no subspace; subspace and other_stats are for osrm and osrm-mean")
+
+
+def _osrm_subspace(
+    init: str, task_name: str, subspace: Subspace | None, other_stats: Sequence[TaskStats] | None, rank: int,
+    model: torch.nn.Module, model_name: str,
+) -> Subspace:
+    """The subspace this task's A starts from, checked against the task, the init's variant and the model."""
+    if subspace is None:
+        subspace = subspace_from_others(task_name, other_stats, rank, variant=OSRM_VARIANTS[init][0])
+    if subspace.variant not in OSRM_VARIANTS[init]:
+        raise ValueError(
+            f"init={init!r} needs a subspace of variant {' or '.join(OSRM_VARIANTS[init])}, but the subspace "
+            f"of task {subspace.task!r} is {subspace.variant!r}"
+        )
+    if subspace.task != task_name:
+        raise ValueError(f"the subspace was computed for task {subspace.task!r}, not for task {task_name!r}")
+    config_hash = model_config_hash(model)
+    if subspace.config_hash != config_hash:
+        raise ValueError(
+            f"the subspace of task {task_name!r} was computed on model {subspace.model!r} (config hash "
+            f"{subspace.config_hash}), not on {model_name!r} (config hash {config_hash})"
+        )
+    return subspace
+
+
+def _lora_config(model, lora: LoraSettings, init: str):
+    """PEFT config; SEQ_CLS makes PEFT train and save the head (`classifier`/`score`) with the adapter."""
+    targets = lora.target_modules or default_target_modules(model.config.model_type)
+    layers = find_target_modules(model, targets)
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=PEFT_INIT[init],
+        fan_in_fan_out=any(isinstance(layer, Conv1D) for layer in layers.values()),  # GPT-2 stores W as in×out
+    )
+
+
+def _metrics_fn(spec: TaskSpec):
+    def compute(eval_pred) -> dict[str, float]:
+        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        return compute_metrics(spec, logits, eval_pred.label_ids)
+
+    return compute
+
+
+def _training_arguments(
+    training: TrainingSettings, partial: Path, spec: TaskSpec, seed: int, has_dev: bool
+) -> tuple[TrainingArguments, str]:
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(training.precision, cuda)
+    if training.keep_best and not has_dev:
+        raise ValueError(f"training.keep_best needs a dev split, and task {spec.name!r} has none")
+    kwargs: dict[str, Any] = {}
+    if training.keep_best:
+        # Every task metric (accuracy, F1, MCC, correlations) is better when higher.
+        kwargs.update(load_best_model_at_end=True, metric_for_best_model=spec.primary_metric, greater_is_better=True)
+    fields = TrainingArguments.__dataclass_fields__
+    if "save_safetensors" in fields:  # transformers 4; 5 always saves safetensors
+        kwargs["save_safetensors"] = True
+    if training.gradient_checkpointing:  # non-reentrant: no input gradients needed with a frozen base
+        name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+        kwargs.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
+    if "warmup_ratio" in fields:  # transformers 4; in 5 a warmup_steps below 1 is the ratio
+        kwargs["warmup_ratio"] = training.warmup_ratio
+    else:
+        kwargs["warmup_steps"] = training.warmup_ratio
+    args = TrainingArguments(
+        output_dir=str(partial),
+        learning_rate=training.lr,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.grad_accum,
+        weight_decay=training.weight_decay,
+        lr_scheduler_type="linear",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        eval_strategy="epoch" if training.eval_each_epoch and has_dev else "no",
+        save_strategy="steps" if training.save_steps else "epoch",
+        save_steps=training.save_steps or 500,
+        logging_strategy="steps",
+        logging_steps=training.logging_steps,
+        seed=seed,
+        data_seed=seed,
+        report_to=[],
+        use_cpu=not cuda,
+        disable_tqdm=not training.progress,
+        **kwargs,
+    )
+    return args, precision
+
+
+class StepTimer(TrainerCallback):
+    """Times each optimizer step (forward, backward, update), for comparing inits' cost per step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def _prepare_partial(partial: Path, run: dict, resume: bool) -> None:
+    """Keep the partial folder of an identical interrupted run when resuming; otherwise start it afresh.
+
+    A partial folder left by a run with other settings is stale: continuing it would mix two runs.
+    """
+    run_file = partial / RUN_NAME
+    if resume and run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        differing = sorted(k for k in run.keys() | previous.keys() if run.get(k) != previous.get(k))
+        if not differing:
+            return
+        logger.warning("not resuming from %s: the interrupted run had a different %s (see %s); starting over",
+                       partial, ", ".join(differing), run_file)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    write_json(run_file, run)
+
+
+def lora_state(peft_model) -> dict[str, torch.Tensor]:
+    """Copies of the adapter's lora_A/lora_B tensors, keyed as in PEFT's saved state dict."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items() if ".lora_" in k}
+
+
+def subtract_initial(state: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rewrite a PiSSA/OLoRA adapter as a plain LoRA on the unmodified base, at twice the rank.
+
+    Training saw ``W − s·B₀A₀ + s·BA``, i.e. ``W + s·(BA − B₀A₀) = W + s·[B, −B₀][A; A₀]``. Other tensors
+    (the head) pass through unchanged.
+    """
+    out = dict(state)
+    for key, init in initial.items():
+        if key.endswith(".lora_A.weight"):
+            out[key] = torch.cat([state[key], init.to(state[key])], dim=0)
+        elif key.endswith(".lora_B.weight"):
+            out[key] = torch.cat([state[key], -init.to(state[key])], dim=1)
+    return out
+
+
+def _save_adapter(peft_model, folder: Path, initial: Mapping[str, torch.Tensor] | None) -> None:
+    """PEFT's folder; with `initial`, the converted rank-2r adapter whose alpha keeps the scale unchanged."""
+    if initial is None:
+        peft_model.save_pretrained(str(folder))
+        return
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    scale = lora_scale(config.lora_alpha, config.r, config.use_rslora)
+    config.r *= 2
+    config.lora_alpha = scale * (math.sqrt(config.r) if config.use_rslora else config.r)
+    config.init_lora_weights = True
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
+    state = subtract_initial(get_peft_model_state_dict(peft_model), initial)
+    save_tensors(folder / "adapter_model.safetensors", state, metadata={"format": "pt"})
+
+
+def finetune(
+    task: Task,
+    model_name: str,
+    output_dir: str | Path,
+    *,
+    init: InitMethod = "gaussian",
+    subspace: Subspace | None = None,
+    other_stats: Sequence[TaskStats] | None = None,
+    lora: LoraSettings | Mapping[str, Any] | None = None,
+    training: TrainingSettings | Mapping[str, Any] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    trust_remote_code: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Train one LoRA adapter (and the task head) on `task` and write it to `output_dir` atomically.
+
+    The OSRM inits take the task's `subspace` (from `subspace.subspace_from_others` or `compute_subspaces`),
+    or compute it here from `other_stats`, the statistics of the tasks this adapter must not disturb.
+    An existing `output_dir` is replaced only once the new adapter is complete. With `resume`, training
+    continues from the last checkpoint of an interrupted run with the same settings, if there is one.
+    """
+    start = time.perf_counter()
+    lora = LoraSettings.model_validate(lora or {})
+    training = TrainingSettings.model_validate(training or {})
+    _check_init(init, subspace, other_stats)
+    spec = task.spec
+    output_dir = Path(output_dir)
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    has_dev = task.has_split("dev")
+    args, precision = _training_arguments(training, partial, spec, seed, has_dev)
+
+    set_seed(seed)  # the head's and the adapter's random inits
+    model, tokenizer = load_model_and_tokenizer(model_name, spec, trust_remote_code=trust_remote_code)
+    config_hash = model_config_hash(model)
+    if init in OSRM_VARIANTS:
+        subspace = _osrm_subspace(init, spec.name, subspace, other_stats, lora.r, model, model_name)
+    if init in BASE_MUTATING:
+        logger.warning("init=%r trains on a base with the initial adapter subtracted; the adapter is saved "
+                       "converted to a rank-%d LoRA on the unmodified base, so it stays mergeable", init, 2 * lora.r)
+    peft_model = get_peft_model(model, _lora_config(model, lora, init))
+    if subspace is not None:
+        osrm_init(peft_model, subspace)
+    frozen = freeze_factor(peft_model, lora.freeze)
+
+    run = {
+        "task": spec.name, "base_model": model_name, "config_hash": config_hash, "init": init, "seed": seed,
+        "subspace_fingerprint": subspace_fingerprint(subspace) if subspace is not None else None,
+        "lora": lora.model_dump(), "training": training.model_dump(exclude={"progress"}),
+    }
+    with args.main_process_first(desc="prepare the partial folder", local=False):
+        if args.process_index == 0:
+            _prepare_partial(partial, run, resume)
+    checkpoint = get_last_checkpoint(str(partial)) if resume else None
+    initial = None
+    if init in BASE_MUTATING:  # the initial factors, as the interrupted run drew them when resuming
+        initial_file = partial / INITIAL_FACTORS
+        initial = load_tensors(initial_file)[0] if checkpoint and initial_file.is_file() else lora_state(peft_model)
+        if args.process_index == 0 and not checkpoint:
+            save_tensors(initial_file, initial, metadata={"format": "pt"})
+
+    with args.main_process_first(desc="tokenize"):
+        train_set = tokenize(task.split("train", max_examples=training.max_train_examples, seed=seed),
+                             tokenizer, spec, max_length=training.max_length)
+        dev_set = tokenize(task.split("dev", max_examples=training.max_eval_examples, seed=seed),
+                           tokenizer, spec, max_length=training.max_length) if has_dev else None
+    timer = StepTimer()
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=dev_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=_metrics_fn(spec),
+        callbacks=[timer, *callbacks],
+    )
+    if not training.progress:  # without progress bars, Trainer prints every log line instead
+        trainer.remove_callback(PrinterCallback)
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics: dict[str, float] = {}
+    if dev_set is not None:
+        evaluated = trainer.evaluate()
+        metrics = {k.removeprefix("eval_"): float(v) for k, v in evaluated.items()
+                   if k.removeprefix("eval_") not in _EVAL_BOOKKEEPING}
+    peft_model.eval()
+    step_time = statistics.median(timer.times) if timer.times else math.nan
+
+    metadata = {
+        "format": METADATA_FORMAT,
+        **run,
+        "task_spec": spec.to_dict(),
+        "subspace": _subspace_record(subspace),
+        "tokenizer": model_name,
+        "target_modules": sorted(peft_model.peft_config["default"].target_modules),
+        "frozen_parameters": frozen,
+        "saved_rank": 2 * lora.r if init in BASE_MUTATING else lora.r,
+        "precision": precision,
+        "world_size": args.world_size,
+        "dev_metrics": metrics,
+        "train_loss": float(train_output.training_loss),
+        "steps": int(trainer.state.global_step),
+        "train_step_time_s": step_time if timer.times else None,
+        "resumed_from": Path(checkpoint).name if checkpoint else None,
+        "versions": _versions(),
+    }
+    if trainer.is_world_process_zero():
+        with atomic_dir(output_dir) as tmp:
+            _save_adapter(peft_model, tmp, initial)
+            tokenizer.save_pretrained(str(tmp))
+            metadata["wall_time_s"] = time.perf_counter() - start
+            write_json(tmp / METADATA_NAME, metadata)
+        shutil.rmtree(partial, ignore_errors=True)
+    metadata.setdefault("wall_time_s", time.perf_counter() - start)
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(
+        path=output_dir, metrics=metrics, wall_time=metadata["wall_time_s"], train_loss=metadata["train_loss"],
+        steps=metadata["steps"], step_time=step_time, metadata=metadata,
+        history=list(trainer.state.log_history), model=peft_model,
+    )
+
+
+def _subspace_record(subspace: Subspace | None) -> dict | None:
+    if subspace is None:
+        return None
+    return {
+        "task": subspace.task, "variant": subspace.variant, "weighting": subspace.weighting,
+        "scale": subspace.scale, "others": list(subspace.others), "fingerprint": subspace_fingerprint(subspace),
+        "model": subspace.model, "config_hash": subspace.config_hash,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"osrm_lora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
