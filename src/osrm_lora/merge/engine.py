@@ -72,6 +72,7 @@ class Merged:
         self._device = device
         self._results = results
         self._factor = factor
+        self._model_totals: torch.Tensor | None = None
 
     @property
     def method(self) -> str:
@@ -118,8 +119,23 @@ class Merged:
 
     def __iter__(self) -> Iterator[MergedModule]:
         if self._results is not None:
-            return (r.scaled(self._factor) for r in self._results)
+            return (self._stored(r) for r in self._results)
         return self._compute()
+
+    def _stored(self, result: MergedModule) -> MergedModule:
+        """A materialized result with λ applied (per-task EMR results are never rescaled)."""
+        return result if self._factor == 1.0 else result.scaled(self._factor)
+
+    def module(self, name: str) -> MergedModule:
+        """One module's merged update on demand, for writers that visit modules in their own order (checkpoint
+        shards). Model-wide totals, for the methods that need them, are computed once and kept."""
+        if name not in self.modules:
+            raise ValueError(f"module {name}: not one of the merged modules (e.g. {self.modules[:3]})")
+        if self._results is not None:
+            return self._stored(next(r for r in self._results if r.name == name))
+        if self.spec.needs_totals(self.params) and self._model_totals is None:
+            self._model_totals = self._totals()
+        return self.spec.fn(self.inputs(name, self._model_totals), self.params)
 
     def _compute(self) -> Iterator[MergedModule]:
         totals = self._totals() if self.spec.needs_totals(self.params) else None

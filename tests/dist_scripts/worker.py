@@ -1,0 +1,49 @@
+"""Launched by tests/test_distributed.py under torchrun (2 CPU processes, Gloo), one launch for both checks:
+
+1. statistics of a task sharded across the ranks (`collect_task_stats`), written by rank 0;
+2. `train.finetune` with the Trainer's DDP in the process group that step 1 joined. Which ranks write the
+   adapter is logged by wrapping `train._save_adapter`, and each rank's final LoRA state is saved, so the
+   test can check that only rank 0 saved and that the replicas stayed in sync.
+
+Usage: worker.py MODEL_DIR TASK_JSON STATS_FILE SAMPLES BATCH_SIZE ADAPTER_DIR LOG_DIR
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from osrm_lora import train
+from osrm_lora.distributed import collect_task_stats, init_from_env, rank, world_size
+from osrm_lora.tasks import Task, TaskSpec
+
+model_dir, task_json, stats_file, samples, batch_size, adapter_dir, log_dir = sys.argv[1:8]
+torch.set_num_threads(1)
+log = Path(log_dir)
+assert init_from_env(), "expected a torchrun launch with WORLD_SIZE > 1"
+data = json.loads(Path(task_json).read_text())
+task = Task.from_records(TaskSpec.from_dict(data["spec"]), {"train": data["train"], "dev": data["dev"]})
+
+stats = collect_task_stats(task, model_dir, split="train", samples=int(samples), seed=3,
+                           batch_size=int(batch_size), max_length=24, out_path=stats_file)
+(log / f"stats_rank{rank()}.json").write_text(json.dumps({"tokens": stats.tokens, "world": world_size()}))
+
+save_adapter = train._save_adapter
+
+
+def counted_save(*args, **kwargs):
+    with open(log / "saves.txt", "a") as f:
+        f.write(f"{rank()}\n")
+    return save_adapter(*args, **kwargs)
+
+
+train._save_adapter = counted_save
+result = train.finetune(
+    task, model_dir, adapter_dir, lora={"r": 2, "dropout": 0.0},
+    training={"epochs": 1, "batch_size": 4, "logging_steps": 1, "progress": False, "warmup_ratio": 0.0},
+    seed=5,
+)
+save_file({k: v.contiguous() for k, v in train.lora_state(result.model).items()},
+          str(log / f"lora_rank{rank()}.safetensors"))
