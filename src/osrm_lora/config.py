@@ -1,0 +1,336 @@
+"""The experiment file (`osrm-lora run experiment.yaml`): a validated description of the whole study.
+
+One YAML file names the base model, the tasks and where their data comes from, the LoRA and training settings,
+the inits to compare, the statistics and subspace options, the merge methods with their hyper-parameters and λ
+grids, the seeds and the output folder. Every key is checked by pydantic before anything runs, and an error
+names the file and the exact key (``merge[1].params.density``), so a typo never costs a training run.
+
+Relative paths (output folder, task data files) are relative to the experiment file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .train import INIT_METHODS, LoraSettings, TrainingSettings
+
+# Default λ grid: the paper sweeps the merging coefficient; 1.0 is plain addition of LoRA updates.
+DEFAULT_LAMBDAS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
+# Fixed-λ view: LoRA updates are small and were each trained to be added at scale 1, so summing them at λ=1 is
+# the natural "no tuning" merge for every method here (TIES' paper also uses λ=1 with its disjoint mean).
+DEFAULT_FIXED_LAMBDA = 1.0
+# Options of a task entry that are file paths, resolved against the experiment file's folder.
+PATH_OPTIONS = ("glue_dir", "files")
+STAGES = ("stats", "subspaces", "train", "eval", "merge", "interference", "report")
+
+
+class ConfigError(ValueError):
+    """An experiment file that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """The base model: a hub id, a local folder, or `builtin:minilm` (the offline default).
+
+    A name starting with ./ or ../ is a folder relative to the experiment file; anything else is passed to
+    `from_pretrained` as it is (hub id or absolute path)."""
+
+    name: str = Field(min_length=1, description="hub id, local folder or builtin:minilm")
+    trust_remote_code: bool = Field(False, description="run the model repository's own code (off by default)")
+
+
+class TaskConfig(BaseModel):
+    """A task by name plus the options of its source (passed to `osrm_lora.tasks.get_task`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+
+    def source_options(self, base_dir: Path | None = None) -> dict[str, Any]:
+        """The options for `get_task`, with relative file paths resolved against `base_dir`."""
+        options = dict(self.model_extra or {})
+        if base_dir is not None:
+            for key in PATH_OPTIONS:
+                if key in options:
+                    options[key] = _resolve(options[key], base_dir)
+        return options
+
+
+def _resolve(value: Any, base_dir: Path) -> Any:
+    if isinstance(value, str) and value and "://" not in value:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base_dir / path).resolve())
+    if isinstance(value, dict):
+        return {k: _resolve(v, base_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, base_dir) for v in value]
+    return value
+
+
+class StatisticsConfig(_Strict):
+    """How each task's input statistics are collected (once per task, cached)."""
+
+    samples_per_task: int = Field(
+        64, gt=0, description="training examples per task fed through the base model"
+    )
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(128, gt=0, description="tokens per example after truncation")
+    split: Literal["train", "dev"] = "train"
+
+
+class SubspaceConfig(_Strict):
+    """Options of `subspace.compute_subspaces` for the `osrm` init (`osrm-mean` always uses variant mean)."""
+
+    variant: Literal["cov", "centered"] = "cov"
+    weighting: Literal["equal", "tokens", "trace"] = "equal"
+    scale: Literal["orthonormal", "kaiming"] = "orthonormal"
+
+
+class EvaluationConfig(_Strict):
+    """Where and how every model is scored."""
+
+    split: Literal["dev", "test"] = "dev"
+    max_examples: int | None = Field(None, gt=0, description="first N examples of the split (seeded sample)")
+    batch_size: int = Field(64, gt=0)
+    max_length: int = Field(128, gt=0)
+
+
+class MergeConfig(_Strict):
+    """One merge method, its hyper-parameters and the λ grid it is evaluated on.
+
+    Methods with a global λ (`scaling`) are merged once and evaluated at every λ of the grid; methods without
+    one (EMR) are evaluated once and take no `lambdas`.
+    """
+
+    method: str = Field(min_length=1, description="a registered merge method (`osrm-lora merge --list`)")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="row label; defaults to the method"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the method's hyper-parameters, except λ"
+    )
+    lambdas: list[float] | None = Field(None, min_length=1, description=f"λ grid (default {DEFAULT_LAMBDAS})")
+    fixed_lambda: float | None = Field(
+        None, gt=0, description=f"λ of the fixed-λ view ({DEFAULT_FIXED_LAMBDA})"
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+    @property
+    def grid(self) -> list[float | None]:
+        """The λ values to evaluate; [None] for a method without λ."""
+        return list(self.lambdas) if self.lambdas is not None else [None]
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        from .merge.registry import get_method
+
+        if "fisher" in get_method(method).requires:
+            raise ValueError(
+                f"merge method {method!r} needs per-task Fisher diagonals, which experiments do not compute; "
+                f"merge such adapters with `osrm-lora merge`"
+            )
+        return method
+
+    @field_validator("lambdas")
+    @classmethod
+    def _positive_unique(cls, values: list[float] | None) -> list[float] | None:
+        if values is None:
+            return None
+        if any(v <= 0 for v in values):
+            raise ValueError(f"every λ must be > 0, got {values}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"λ values must be unique, got {values}")
+        return sorted(values)
+
+    @field_validator("params")
+    @classmethod
+    def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from .merge.registry import get_method
+
+        if "scaling" in params:
+            raise ValueError("set λ through 'lambdas' and 'fixed_lambda', not params.scaling")
+        if "method" in info.data:  # an unknown method is reported on its own key
+            spec = get_method(info.data["method"])
+            spec.parse({**params, "scaling": 1.0} if spec.post_scale else params)
+        return params
+
+    @model_validator(mode="after")
+    def _lambda_grid(self) -> MergeConfig:
+        from .merge.registry import get_method
+
+        if not get_method(self.method).post_scale:
+            if self.lambdas is not None or self.fixed_lambda is not None:
+                raise ValueError(
+                    f"merge method {self.method!r} has no global λ; remove 'lambdas'/'fixed_lambda'"
+                )
+            return self
+        if self.lambdas is None:
+            self.lambdas = list(DEFAULT_LAMBDAS)
+        if self.fixed_lambda is None:
+            self.fixed_lambda = DEFAULT_FIXED_LAMBDA
+        if self.fixed_lambda not in self.lambdas:
+            self.lambdas = sorted([*self.lambdas, self.fixed_lambda])
+        return self
+
+
+class ExperimentConfig(_Strict):
+    """A whole study: statistics → subspaces → training → evaluation → merging → interference → report."""
+
+    name: str = Field("experiment", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig
+    tasks: list[TaskConfig] = Field(min_length=2, description="at least two tasks to merge")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    inits: list[str] = Field(default_factory=lambda: ["gaussian", "osrm"], min_length=1)
+    subspace: SubspaceConfig = Field(default_factory=SubspaceConfig)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    merge: list[MergeConfig] = Field(min_length=1)
+    interference: bool = Field(True, description="compute interference matrices (needs the statistics)")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    output_dir: Path = Field(Path("runs/experiment"), description="relative to the experiment file")
+    _base_dir: Path | None = PrivateAttr(None)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {dupes}")
+        return tasks
+
+    @field_validator("inits")
+    @classmethod
+    def _known_inits(cls, inits: list[str]) -> list[str]:
+        unknown = [i for i in inits if i not in INIT_METHODS]
+        if unknown:
+            raise ValueError(f"unknown init {unknown}; choose from {list(INIT_METHODS)}")
+        if len(set(inits)) != len(inits):
+            raise ValueError(f"inits must be unique, got {inits}")
+        return inits
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be unique, got {seeds}")
+        return seeds
+
+    @field_validator("merge")
+    @classmethod
+    def _unique_labels(cls, merges: list[MergeConfig]) -> list[MergeConfig]:
+        labels = [m.label for m in merges]
+        dupes = sorted({n for n in labels if labels.count(n) > 1})
+        if dupes:
+            raise ValueError(f"merge entries need distinct names; repeated: {dupes} (set 'name' on each)")
+        return merges
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: `source: key.path: message (got value)`."""
+    lines = []
+    for err in exc.errors():
+        where = ""
+        for part in err["loc"]:
+            where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling)"
+        got = err.get("input")
+        shown = (
+            ""
+            if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
+            else f" (got {got!r})"
+        )
+        lines.append(f"{source}: {where or '(top level)'}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def parse_experiment(
+    data: Any, source: str = "<experiment>", base_dir: Path | None = None
+) -> ExperimentConfig:
+    """Validate an experiment mapping; relative `output_dir` is resolved against `base_dir`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: an experiment must be a mapping of keys, got {type(data).__name__}")
+    try:
+        config = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+    if base_dir is not None:
+        if not config.output_dir.is_absolute():
+            config.output_dir = (base_dir / config.output_dir).resolve()
+        if config.model.name.startswith(("./", "../", "~")):
+            config.model.name = _resolve(config.model.name, base_dir)
+    config._base_dir = base_dir
+    return config
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file; errors name the file, the line (YAML) or the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_experiment(data, source=str(path), base_dir=path.parent.resolve())
+
+
+def base_dir_of(config: ExperimentConfig) -> Path | None:
+    """The folder relative task paths are resolved against (the experiment file's)."""
+    return config._base_dir
+
+
+DEMO_RESOURCE = "demo.yaml"
+
+
+def demo_config_text() -> str:
+    """The packaged demo experiment (identical to examples/demo.yaml)."""
+    from importlib.resources import files
+
+    return (files("osrm_lora") / "configs" / DEMO_RESOURCE).read_text(encoding="utf-8")
+
+
+def parse_demo() -> ExperimentConfig:
+    """The demo experiment, validated; its output folder is chosen by the caller (`osrm-lora demo -o`)."""
+    return parse_experiment(
+        yaml.safe_load(demo_config_text()), source=f"osrm_lora/configs/{DEMO_RESOURCE}", base_dir=Path.cwd()
+    )

@@ -1,0 +1,182 @@
+"""Scoring a model on a task's evaluation split, and the paper's score aggregates.
+
+A model is scored with the task's own metric on its primary score. Merged models are compared to the
+individually fine-tuned adapters through the *normalised* score (merged / individual, per task), which
+removes the differences in task difficulty before averaging (as in the OSRM and TIES papers).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+
+import torch
+
+
+def average(scores: Mapping[str, float]) -> float:
+    """Unweighted mean over tasks."""
+    if not scores:
+        raise ValueError("cannot average an empty set of task scores")
+    return statistics.fmean(float(v) for v in scores.values())
+
+
+def normalised_scores(merged: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, float]:
+    """merged[t] / individual[t] per task; NaN where the individual score is 0 (nothing to normalise by)."""
+    missing = sorted(set(merged) - set(individual))
+    if missing:
+        raise ValueError(f"no individual fine-tuned score for tasks {missing} to normalise by")
+    return {
+        t: (float(s) / float(individual[t]) if individual[t] != 0 else math.nan) for t, s in merged.items()
+    }
+
+
+def predictions_from_logits(logits: torch.Tensor, regression: bool) -> torch.Tensor:
+    """Class ids (argmax) or, for a regression head, its single output."""
+    return logits[..., 0].float() if regression else logits.argmax(dim=-1)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    batches,
+    *,
+    regression: bool,
+    progress: bool = False,
+    description: str = "evaluating",
+) -> tuple[list, list]:
+    """Run `model` over labelled batches in eval mode; returns (predictions, labels) as Python lists."""
+    from rich.progress import track
+
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    predictions, labels = [], []
+    try:
+        iterator = track(batches, description=description, transient=True) if progress else batches
+        for batch in iterator:
+            batch = dict(batch)
+            gold = batch.pop("labels")
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            logits = model(**inputs).logits
+            predictions.extend(predictions_from_logits(logits, regression).cpu().tolist())
+            labels.extend(gold.tolist())
+    finally:
+        model.train(was_training)
+    return predictions, labels
+
+
+def evaluate_task(
+    model: torch.nn.Module,
+    tokenizer,
+    task,
+    *,
+    split: str = "dev",
+    max_examples: int | None = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """All of the task's metrics on `split` (first `max_examples` after the task's seeded sampling)."""
+    from .tasks import compute_metrics, make_dataloader
+
+    spec = task.spec
+    dataset = task.split(split, max_examples=max_examples, seed=seed)
+    if len(dataset) == 0:
+        raise ValueError(f"task {spec.name!r}: split {split!r} has no examples to evaluate on")
+    batches = make_dataloader(
+        dataset, tokenizer, spec, batch_size=batch_size, max_length=max_length, shuffle=False
+    )
+    predictions, labels = predict(
+        model,
+        batches,
+        regression=spec.label_names is None,
+        progress=progress,
+        description=f"eval {spec.name}",
+    )
+    return {k: float(v) for k, v in compute_metrics(spec, predictions, labels).items()}
+
+
+def task_head(adapter) -> dict[str, torch.Tensor]:
+    """An adapter's extra tensors (PEFT modules_to_save: the task head), keyed by base-model parameter."""
+    from .merge.apply import MODULES_TO_SAVE
+    from .modules import base_name
+
+    return {MODULES_TO_SAVE.sub("", base_name(key)): value for key, value in adapter.extra.items()}
+
+
+class EvaluationModel:
+    """One base model kept in memory and re-dressed for each evaluation: target weights ``W0 + ΔW``, a head.
+
+    Merged models of many tasks differ only in their target-module updates and their task heads, so loading
+    the base once and swapping those is much cheaper than loading a model per task and per merge. The head of
+    another task may have another number of labels; its parameters are replaced whole.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self._modules = dict(model.named_modules())
+        self._params = dict(model.named_parameters())
+        self._original: dict[str, torch.Tensor] = {}
+        self._original_head: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def load(cls, model_name: str, spec, trust_remote_code: bool = False) -> EvaluationModel:
+        from .train import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(model_name, spec, trust_remote_code=trust_remote_code)
+        return cls(model.eval(), tokenizer, model_name)
+
+    def restore(self) -> None:
+        """Back to the base weights and the head the model was loaded with."""
+        from .modules import weight_out_in
+
+        with torch.no_grad():
+            for module, weight in self._original.items():
+                weight_out_in(self._modules[module]).copy_(weight)
+            for key, value in self._original_head.items():
+                self._params[key].data = value
+        self._original.clear()
+        self._original_head.clear()
+
+    def apply(
+        self, deltas: dict[str, torch.Tensor], head: dict[str, torch.Tensor], *, source: str = "adapter"
+    ):
+        """Set each target module to ``W0 + delta`` and the head to `head`; returns the dressed model."""
+        from .modules import is_linear, weight_out_in
+
+        self.restore()
+        unknown = sorted(k for k in head if k not in self._params)
+        if unknown:
+            raise ValueError(f"{source}: head tensors {unknown[:3]} are not parameters of {self.name!r}")
+        with torch.no_grad():
+            for module, delta in deltas.items():
+                layer = self._modules.get(module)
+                layer = getattr(layer, "base_layer", layer)
+                if layer is None or not is_linear(layer):
+                    raise ValueError(
+                        f"{source}: module {module} is not a linear layer of model {self.name!r}"
+                    )
+                weight = weight_out_in(layer)
+                if tuple(weight.shape) != tuple(delta.shape):
+                    raise ValueError(
+                        f"{source}: module {module}: update is {tuple(delta.shape)} but the model weight is "
+                        f"{tuple(weight.shape)} (out×in)"
+                    )
+                self._original[module] = weight.detach().clone()
+                weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+            for key, value in head.items():
+                param = self._params[key]
+                self._original_head[key] = param.data
+                param.data = value.to(device=param.device, dtype=param.dtype).clone()
+        return self.model

@@ -1,0 +1,386 @@
+"""The experiment pipeline end to end on a tiny random BERT and two synthetic file tasks.
+
+Scores are checked against independent references (PEFT's own adapter loading; a merged model built by hand
+from the safetensors files), caching against file mtimes and manifests, and resumption against an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from pipeline_helpers import experiment_dict, write_experiment, write_tiny_model
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from osrm_lora import train as train_module
+from osrm_lora.config import ConfigError, load_experiment, parse_demo, parse_experiment
+from osrm_lora.pipeline import run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["sentiment", "topic"]
+UNITS = {
+    "stats": 2,
+    "subspaces": 1,
+    "train": 4,
+    "eval": 4,
+    "merge": 2 * (2 + 2 + 1),
+    "interference": 2,
+    "report": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    """One uninterrupted run; later tests compare against it."""
+    folder = tmp_path_factory.mktemp("reference")
+    config = load_experiment(write_experiment(folder, model_dir))
+    summary = run_experiment(config, progress=False)
+    return config, summary
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def _scores(results: dict) -> dict:
+    individual = {(r["init"], r["seed"], r["task"]): r["score"] for r in results["individual"]}
+    merged = {
+        (r["init"], r["seed"], r["method"], r["lambda"], r["task"]): r["score"] for r in results["merged"]
+    }
+    return {
+        "individual": individual,
+        "merged": merged,
+        "interference": {(r["init"], r["seed"]): r["matrix"] for r in results["interference"]},
+    }
+
+
+def _dev_rows(config, task: str) -> tuple[list[str], list[int]]:
+    """The dev split read straight from the user's file (the evaluation uses all of it)."""
+    entry = next(t for t in config.tasks if t.name == task)
+    path = Path(entry.source_options(config._base_dir)["files"]["dev"])
+    if path.suffix == ".csv":
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        return [r["sentence"] for r in rows], [["negative", "positive"].index(r["label"]) for r in rows]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+
+
+def _accuracy(model, tokenizer, texts, labels) -> float:
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        predictions = model(**batch).logits.argmax(-1).numpy()
+    return float(np.mean(predictions == np.array(labels)))
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def test_all_stages_run_and_the_report_holds_the_results(reference):
+    config, summary = reference
+    assert {k: len(v.ran) for k, v in summary.stages.items()} == UNITS
+    assert all(not v.skipped for v in summary.stages.values())
+    out = config.output_dir
+    results = json.loads((out / "results.json").read_text())
+    assert results == summary.results
+    assert len(results["individual"]) == 4 and len(results["merged"]) == UNITS["merge"] * 2
+    assert {r["lambda"] for r in results["merged"] if r["method"] == "ties"} == {0.5, 1.0}  # fixed λ added
+    assert {r["lambda"] for r in results["merged"] if r["method"] == "emr"} == {None}
+    for record in results["individual"] + results["merged"]:
+        assert record["score"] == record["metrics"]["accuracy"]
+        assert 0.0 <= record["score"] <= 1.0
+    for r in results["interference"]:
+        matrix = np.array(r["matrix"])
+        assert matrix.shape == (2, 2) and np.allclose(np.diag(matrix), 1.0)
+    for name in (
+        "report.md",
+        "table_best_lambda.csv",
+        "table_fixed_lambda.csv",
+        "plots/score_vs_lambda.png",
+        "plots/interference.png",
+        "plots/task_scores_best_lambda.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+
+    # Fixed-λ table: every merged row recomputed from results.json records.
+    with open(out / "table_fixed_lambda.csv") as f:
+        rows = list(csv.DictReader(f))
+    report = (out / "report.md").read_text()
+    for row in rows:
+        lam = None if row["lambda"] == "" else float(row["lambda"])
+        if row["method"] == "individual":
+            scores = [
+                next(r["score"] for r in results["individual"] if (r["init"], r["task"]) == (row["init"], t))
+                for t in TASKS
+            ]
+        else:
+            scores = [
+                next(
+                    r["score"]
+                    for r in results["merged"]
+                    if (r["init"], r["method"], r["lambda"], r["task"])
+                    == (row["init"], row["method"], lam, t)
+                )
+                for t in TASKS
+            ]
+        assert [float(row[t]) for t in TASKS] == pytest.approx(scores, abs=1e-6)
+        assert float(row["average"]) == pytest.approx(np.mean(scores), abs=1e-6)
+        assert f"| {row['init']} | {row['method']} |" in report
+        assert f"{100 * np.mean(scores):.2f}" in report
+
+
+def test_individual_scores_match_peft_loading(reference, model_dir):
+    """The evaluator's W0 + BA and head swap gives PEFT's own predictions."""
+    from peft import PeftModel
+
+    config, summary = reference
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for init in ("gaussian", "osrm"):
+        for task in TASKS:
+            base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+            model = PeftModel.from_pretrained(
+                base, str(config.output_dir / "adapters" / init / "seed0" / task)
+            ).eval()
+            expected = _accuracy(model, tokenizer, *_dev_rows(config, task))
+            got = next(
+                r["score"] for r in summary.results["individual"] if (r["init"], r["task"]) == (init, task)
+            )
+            assert got == pytest.approx(expected)
+
+
+def test_task_arithmetic_score_matches_a_hand_merged_model(reference, model_dir):
+    """W0 + λ Σ_j s_j B_j A_j written by hand from the adapter files, with the evaluated task's own head."""
+    config, summary = reference
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lam = 1.0
+    for init in ("gaussian", "osrm"):
+        files = {t: config.output_dir / "adapters" / init / "seed0" / t for t in TASKS}
+        for task in TASKS:
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
+            state = model.state_dict()
+            for t, folder in files.items():
+                tensors = load_file(folder / "adapter_model.safetensors")
+                peft_config = json.loads((folder / "adapter_config.json").read_text())
+                scale = peft_config["lora_alpha"] / peft_config["r"]
+                for key, A in tensors.items():
+                    if key.endswith(".lora_A.weight"):
+                        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                        B = tensors[key.replace("lora_A", "lora_B")]
+                        state[f"{module}.weight"] += lam * scale * B @ A
+                if t == task:
+                    for name in ("weight", "bias"):
+                        state[f"classifier.{name}"] = tensors[f"base_model.model.classifier.{name}"]
+            model.load_state_dict(state)
+            expected = _accuracy(model, tokenizer, *_dev_rows(config, task))
+            got = next(
+                r["score"]
+                for r in summary.results["merged"]
+                if (r["init"], r["method"], r["lambda"], r["task"]) == (init, "task_arithmetic", lam, task)
+            )
+            assert got == pytest.approx(expected)
+
+
+def test_second_run_is_a_no_op(reference):
+    config, _ = reference
+    before = _mtimes(config.output_dir)
+    summary = run_experiment(config, progress=False)
+    assert {k: len(v.skipped) for k, v in summary.stages.items()} == UNITS
+    assert not summary.ran_anything
+    assert _mtimes(config.output_dir) == before
+
+
+def test_cli_run_of_a_finished_experiment_prints_the_tables(reference):
+    from typer.testing import CliRunner
+
+    from osrm_lora.cli import app
+
+    config, first = reference
+    path = str(config._base_dir / "experiment.yaml")
+    result = CliRunner().invoke(app, ["run", path, "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert all(stage["ran"] == 0 for stage in data["stages"].values())
+    assert data["results"] == first.results
+    table = CliRunner().invoke(app, ["run", path, "--quiet"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0
+    assert "Best λ" in table.stdout and "report.md" in table.stdout
+    assert sum("task_arithmetic" in line for line in table.stdout.splitlines()) == 4  # 2 inits × 2 views
+
+
+def test_force_redoes_one_stage_and_nothing_downstream_when_unchanged(reference):
+    config, first = reference
+    results_mtime = (config.output_dir / "results.json").stat().st_mtime_ns
+    summary = run_experiment(config, force=["merge"], progress=False)
+    assert {k: len(v.ran) for k, v in summary.stages.items()} == {
+        **{k: 0 for k in UNITS},
+        "merge": UNITS["merge"],
+    }
+    assert (
+        config.output_dir / "results.json"
+    ).stat().st_mtime_ns == results_mtime  # same merges, same digests
+    assert _scores(summary.results) == _scores(first.results)
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_experiment(config, force=["merging"], progress=False)
+
+
+def _copy_experiment(config, tmp_path: Path) -> Path:
+    """The reference experiment folder (YAML, data, outputs) copied elsewhere; returns the copied YAML."""
+    shutil.copytree(config._base_dir, tmp_path / "copy")
+    return tmp_path / "copy" / "experiment.yaml"
+
+
+def test_changed_setting_redoes_only_what_depends_on_it(reference, tmp_path):
+    changed = load_experiment(_copy_experiment(reference[0], tmp_path))
+    changed.evaluation.max_examples = 16
+    summary = run_experiment(changed, progress=False)
+    ran = {k: len(v.ran) for k, v in summary.stages.items()}
+    assert ran == {**{k: 0 for k in UNITS}, "eval": 4, "merge": UNITS["merge"], "report": 1}
+    assert json.loads((changed.output_dir / "results.json").read_text())["evaluation"]["max_examples"] == 16
+
+
+def test_edited_data_file_retrains_that_task_only(reference, tmp_path):
+    copied = load_experiment(_copy_experiment(reference[0], tmp_path))
+    dev = copied._base_dir / "data" / "topic_dev.jsonl"
+    dev.write_text(dev.read_text() + json.dumps({"sentence": "w1 dog w2", "label": 1}) + "\n")
+    summary = run_experiment(copied, progress=False)
+    # Statistics come from the train split: recomputed (the task changed) but identical, so the subspaces
+    # stay cached; both topic adapters retrain and everything downstream of them is redone.
+    assert sorted(summary.stages["stats"].ran) == ["topic"]
+    assert summary.stages["subspaces"].skipped == ["cov"]
+    assert sorted(summary.stages["train"].ran) == ["gaussian/seed0/topic", "osrm/seed0/topic"]
+    assert len(summary.stages["eval"].ran) == 2 and len(summary.stages["merge"].ran) == UNITS["merge"]
+
+
+def test_interrupted_run_resumes_to_the_same_results(reference, model_dir, tmp_path, monkeypatch):
+    _, uninterrupted = reference
+    config = load_experiment(write_experiment(tmp_path, model_dir))
+    real_finetune = train_module.finetune
+    calls = []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(kwargs["init"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill in the training stage")
+        return real_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "finetune", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, progress=False)
+    out = config.output_dir
+    assert len(list((out / "manifests" / "train").rglob("*.json"))) == 2
+    assert not (out / "adapters" / "osrm").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+    monkeypatch.setattr(train_module, "finetune", real_finetune)
+    resumed = run_experiment(config, progress=False)
+    assert (len(resumed.stages["train"].ran), len(resumed.stages["train"].skipped)) == (2, 2)
+    assert len(resumed.stages["stats"].skipped) == 2
+    assert _scores(resumed.results) == _scores(uninterrupted.results)
+
+
+def test_content_digest_ignores_safetensors_metadata_order(tmp_path):
+    from safetensors.torch import save_file
+
+    from osrm_lora.io import load_tensors, sha256_file
+    from osrm_lora.pipeline import content_digest
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={f"k{i}": str(i) for i in range(8)})
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    header["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    (tmp_path / "y.safetensors").write_bytes(raw[:8] + text + raw[8 + size :])
+    assert load_tensors(tmp_path / "y.safetensors")[1] == load_tensors(tmp_path / "x.safetensors")[1]
+    assert sha256_file(tmp_path / "x.safetensors") != sha256_file(tmp_path / "y.safetensors")
+    assert content_digest(tmp_path / "x.safetensors") == content_digest(tmp_path / "y.safetensors")
+    save_file(
+        {**tensors, "b": torch.zeros(4)}, str(tmp_path / "z.safetensors"), metadata=header["__metadata__"]
+    )
+    assert content_digest(tmp_path / "z.safetensors") != content_digest(tmp_path / "x.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def _error(data: dict, tmp_path: Path) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change, key, words",
+    [
+        (lambda d: d["lora"].update(rank=4), "lora.rank", "unknown key"),
+        (lambda d: d["training"].update(lr="fast"), "training.lr", "valid number"),
+        (lambda d: d["merge"][1]["params"].update(densty=0.3), "merge[1].params", "densty"),
+        (lambda d: d["merge"][0].update(method="task_arithmetc"), "merge[0].method", "task_arithmetic"),
+        (lambda d: d["merge"][2].update(lambdas=[1.0]), "merge[2]", "no global λ"),
+        (lambda d: d["merge"][0].update(lambdas=[0.5, -1.0]), "merge[0].lambdas", "> 0"),
+        (lambda d: d.update(inits=["gaussian", "orsm"]), "inits", "orsm"),
+        (lambda d: d.update(tasks=d["tasks"][:1]), "tasks", "at least 2"),
+        (lambda d: d["evaluation"].update(split="validation"), "evaluation.split", "dev"),
+        (lambda d: d.pop("model"), "model", "required"),
+        (lambda d: d.update(seeds=[0, 0]), "seeds", "unique"),
+    ],
+)
+def test_bad_configs_name_the_key(change, key, words, tmp_path):
+    data = experiment_dict(Path("/nonexistent/model"), [{"name": "a"}, {"name": "b"}])
+    change(data)
+    message = _error(data, tmp_path)
+    assert f": {key}:" in message
+    assert words in message
+
+
+def test_yaml_and_file_errors(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: x\ntasks: [a, b\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_experiment(broken)
+    with pytest.raises(ConfigError, match="not found"):
+        load_experiment(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_experiment(["a"], "list.yaml")
+
+
+def test_relative_paths_resolve_against_the_experiment_file(tmp_path):
+    data = experiment_dict("./model", [{"name": "a", "files": {"train": "d/a.csv"}}, {"name": "b"}])
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_experiment(path)
+    assert config.output_dir == (tmp_path / "sub" / "out").resolve()
+    assert config.model.name == str((tmp_path / "sub" / "model").resolve())
+    assert config.tasks[0].source_options(config._base_dir)["files"]["train"] == str(
+        tmp_path / "sub" / "d" / "a.csv"
+    )
+
+
+def test_examples_validate_and_demo_is_packaged():
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        config = load_experiment(path)
+        assert len(config.tasks) >= 2 and config.merge, path
+    packaged = REPO / "src" / "osrm_lora" / "configs" / "demo.yaml"
+    assert (REPO / "examples" / "demo.yaml").read_text() == packaged.read_text()
+    demo = parse_demo()
+    assert demo.model.name == "builtin:minilm"
+    assert {"gaussian", "osrm"} <= set(demo.inits)
+    assert {"task_arithmetic", "ties"} <= {m.method for m in demo.merge}

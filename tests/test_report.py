@@ -1,0 +1,228 @@
+"""The report's tables and plots against numbers recomputed here with numpy from a synthetic results dict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from osrm_lora.evaluate import average, normalised_scores
+from osrm_lora.report import (
+    RESULTS_FORMAT,
+    ResultsError,
+    best_lambda_table,
+    fixed_lambda_table,
+    write_report,
+)
+
+TASKS = ["alpha", "beta", "gamma"]
+INITS = ["gaussian", "osrm"]
+METHODS = ["task_arithmetic", "ties"]
+LAMBDAS = [0.5, 1.0, 1.5]
+SEEDS = [0, 1]
+
+
+def _score(rng, lo=0.3, hi=0.95):
+    return float(rng.uniform(lo, hi))
+
+
+@pytest.fixture
+def results():
+    rng = np.random.default_rng(7)
+    individual = [
+        {"init": i, "seed": s, "task": t, "score": _score(rng, 0.8, 0.95), "metrics": {}}
+        for i in INITS
+        for s in SEEDS
+        for t in TASKS
+    ]
+    merged = [
+        {"init": i, "method": m, "lambda": lam, "seed": s, "task": t, "score": _score(rng), "metrics": {}}
+        for i in INITS
+        for m in METHODS
+        for lam in LAMBDAS
+        for s in SEEDS
+        for t in TASKS
+    ]
+    interference = [
+        {"init": i, "seed": s, "tasks": TASKS, "matrix": rng.uniform(0, 1, (3, 3)).tolist()}
+        for i in INITS
+        for s in SEEDS
+    ]
+    return {
+        "format": RESULTS_FORMAT,
+        "experiment": "synthetic",
+        "model": "tiny",
+        "tasks": TASKS,
+        "inits": INITS,
+        "methods": METHODS,
+        "seeds": SEEDS,
+        "primary_metrics": {t: "accuracy" for t in TASKS},
+        "fixed_lambda": {"task_arithmetic": 1.0, "ties": 1.5},
+        "individual": individual,
+        "merged": merged,
+        "interference": interference,
+    }
+
+
+def _scores_array(results, init, method, lam):
+    """seeds × tasks array of merged scores."""
+    return np.array(
+        [
+            [
+                next(
+                    r["score"]
+                    for r in results["merged"]
+                    if (r["init"], r["method"], r["lambda"], r["seed"], r["task"])
+                    == (init, method, lam, s, t)
+                )
+                for t in TASKS
+            ]
+            for s in SEEDS
+        ]
+    )
+
+
+def _individual_array(results, init):
+    return np.array(
+        [
+            [
+                next(
+                    r["score"]
+                    for r in results["individual"]
+                    if (r["init"], r["seed"], r["task"]) == (init, s, t)
+                )
+                for t in TASKS
+            ]
+            for s in SEEDS
+        ]
+    )
+
+
+def test_aggregates_match_definition():
+    assert average({"a": 0.5, "b": 1.0}) == pytest.approx(0.75)
+    norm = normalised_scores({"a": 0.5, "b": 0.3}, {"a": 1.0, "b": 0.6})
+    assert norm == pytest.approx({"a": 0.5, "b": 0.5})
+    assert math.isnan(normalised_scores({"a": 0.5}, {"a": 0.0})["a"])
+    with pytest.raises(ValueError, match="b"):
+        normalised_scores({"a": 0.5, "b": 0.2}, {"a": 1.0})
+
+
+def test_best_lambda_picks_highest_average(results):
+    table = best_lambda_table(results)
+    assert [(r.init, r.method) for r in table.rows[:2]] == [
+        ("gaussian", "individual"),
+        ("osrm", "individual"),
+    ]
+    merged_rows = table.rows[2:]
+    assert [(r.method, r.init) for r in merged_rows] == [(m, i) for m in METHODS for i in INITS]
+    for row in merged_rows:
+        ind = _individual_array(results, row.init)
+        averages = {lam: _scores_array(results, row.init, row.method, lam).mean() for lam in LAMBDAS}
+        best = max(averages, key=averages.get)
+        assert row.lam == best
+        scores = _scores_array(results, row.init, row.method, best)
+        assert row.average == pytest.approx(scores.mean())
+        assert row.normalised_average == pytest.approx((scores / ind).mean())
+        assert row.scores == pytest.approx(dict(zip(TASKS, scores.mean(axis=0))))
+        assert row.average_std == pytest.approx(scores.mean(axis=1).std(ddof=1))
+    for row in table.rows[:2]:
+        assert row.normalised_average == pytest.approx(1.0)
+
+
+def test_fixed_lambda_uses_method_default(results):
+    table = fixed_lambda_table(results)
+    for row in table.rows[2:]:
+        assert row.lam == results["fixed_lambda"][row.method]
+        assert row.average == pytest.approx(_scores_array(results, row.init, row.method, row.lam).mean())
+
+
+def test_write_report_files_hold_the_numbers(results, tmp_path):
+    written = write_report(results, tmp_path)
+    for key in (
+        "report",
+        "best_lambda.csv",
+        "fixed_lambda.csv",
+        "lambda_plot",
+        "interference_plot",
+        "bars_plot",
+    ):
+        assert written[key].is_file() and written[key].stat().st_size > 0, key
+    for key in ("lambda_plot", "interference_plot", "bars_plot"):
+        assert written[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(written["best_lambda.csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(INITS) * (1 + len(METHODS))
+    for row in rows:
+        if row["method"] == "individual":
+            continue
+        scores = _scores_array(results, row["init"], row["method"], float(row["lambda"]))
+        assert float(row["average"]) == pytest.approx(scores.mean(), abs=1e-6)
+        for k, t in enumerate(TASKS):
+            assert float(row[t]) == pytest.approx(scores[:, k].mean(), abs=1e-6)
+    text = written["report"].read_text()
+    best_osrm_ta = next(r for r in rows if (r["init"], r["method"]) == ("osrm", "task_arithmetic"))
+    assert f"{100 * float(best_osrm_ta['average']):.2f}" in text
+    # No temporary files left behind by the atomic writes.
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_missing_runs_are_left_out_not_invented(results):
+    results["merged"] = [
+        r
+        for r in results["merged"]
+        if not (r["init"] == "osrm" and r["method"] == "ties" and r["task"] == "beta" and r["lambda"] == 1.5)
+    ]
+    table = fixed_lambda_table(results)
+    assert ("osrm", "ties") not in [(r.init, r.method) for r in table.rows]
+    best = best_lambda_table(results)
+    assert next(r for r in best.rows if (r.init, r.method) == ("osrm", "ties")).lam in (0.5, 1.0)
+
+
+def test_bad_results_are_refused(results, tmp_path):
+    results["merged"][0]["task"] = "nope"
+    with pytest.raises(ResultsError, match="merged\\[0\\].task"):
+        write_report(results, tmp_path)
+    with pytest.raises(ResultsError, match="format"):
+        write_report({**results, "format": "other"}, tmp_path)
+    json.dumps(results)  # the fixture itself is JSON-serialisable, like results.json
+
+
+def test_method_without_lambda_has_one_row_in_both_views(results, tmp_path):
+    rng = np.random.default_rng(3)
+    emr = [
+        {
+            "init": i,
+            "method": "emr",
+            "lambda": None,
+            "seed": s,
+            "task": t,
+            "score": _score(rng),
+            "metrics": {},
+        }
+        for i in INITS
+        for s in SEEDS
+        for t in TASKS
+    ]
+    results["merged"] += emr
+    results["methods"] = [*METHODS, "emr"]
+    results["fixed_lambda"]["emr"] = None
+    for table in (best_lambda_table(results), fixed_lambda_table(results)):
+        rows = [r for r in table.rows if r.method == "emr"]
+        assert [r.init for r in rows] == INITS
+        for row in rows:
+            assert row.lam is None
+            expected = np.mean(
+                [
+                    [
+                        next(r["score"] for r in emr if (r["init"], r["seed"], r["task"]) == (row.init, s, t))
+                        for t in TASKS
+                    ]
+                    for s in SEEDS
+                ]
+            )
+            assert row.average == pytest.approx(expected)
+    written = write_report(results, tmp_path)
+    assert "| osrm | emr |  |" in written["report"].read_text()
