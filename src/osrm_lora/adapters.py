@@ -57,7 +57,7 @@ class LoraAdapter:
         return self.config.get("base_model_name_or_path")
 
     @classmethod
-    def load(cls, path: str | Path, name: str | None = None) -> "LoraAdapter":
+    def load(cls, path: str | Path, name: str | None = None) -> LoraAdapter:
         """Read a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`)."""
         path = Path(path)
         config_file = path / CONFIG_NAME
@@ -72,7 +72,7 @@ class LoraAdapter:
     @classmethod
     def from_state_dict(
         cls, tensors: dict[str, torch.Tensor], config: dict, name: str = "", source: str = "<memory>"
-    ) -> "LoraAdapter":
+    ) -> LoraAdapter:
         """Split a PEFT adapter state dict (adapter name already stripped) into factors and extra tensors."""
         factors: dict[str, dict[str, torch.Tensor]] = {}
         extra: dict[str, torch.Tensor] = {}
@@ -81,7 +81,7 @@ class LoraAdapter:
                 marker = f".{part}.weight"
                 if key.endswith(marker):
                     module = key[: -len(marker)]
-                    module = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
+                    module = module.removeprefix(PEFT_PREFIX)
                     factors.setdefault(module, {})[part] = value
                     break
             else:

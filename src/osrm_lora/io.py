@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -75,8 +76,14 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file and its metadata; a missing, truncated or foreign file is an OsrmFileError."""
+def load_tensors(
+    path: str | os.PathLike, expected_format: str | None = None, kind: str = "tensor"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file and its metadata; a missing, truncated or foreign file is an OsrmFileError.
+
+    With `expected_format`, a file whose metadata `format` differs (another tool's file, another kind of ours)
+    is refused too, naming `kind` ("statistics", "subspace", ...).
+    """
     path = Path(path)
     if not path.is_file():
         raise OsrmFileError(f"{path}: file not found")
@@ -88,6 +95,8 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise OsrmFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if expected_format is not None and metadata.get("format") != expected_format:
+        raise OsrmFileError(f"{path}: not an osrm-lora {kind} file (format={metadata.get('format')!r})")
     return tensors, metadata
 
 

@@ -8,7 +8,7 @@ and adapters collected on either line up.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ def default_target_modules(model_type: str) -> list[str]:
 
 def base_name(name: str) -> str:
     """Strip PEFT's wrapper prefix so names match those of the plain base model."""
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    return name.removeprefix(PEFT_PREFIX)
 
 
 def name_matches(name: str, targets: str | Sequence[str]) -> bool:

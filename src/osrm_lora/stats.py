@@ -140,9 +140,7 @@ class TaskStats:
 
     @classmethod
     def load(cls, path: str | Path) -> TaskStats:
-        tensors, meta = load_tensors(path)
-        if meta.get("format") != FORMAT:
-            raise OsrmFileError(f"{path}: not an osrm-lora statistics file (format={meta.get('format')!r})")
+        tensors, meta = load_tensors(path, FORMAT, "statistics")
         try:
             module_keys = json.loads(meta["storage"])
             dims = json.loads(meta["modules"])

@@ -114,9 +114,7 @@ class Subspace:
 
     @classmethod
     def load(cls, path: str | Path) -> Subspace:
-        tensors, meta = load_tensors(path)
-        if meta.get("format") != FORMAT:
-            raise OsrmFileError(f"{path}: not an osrm-lora subspace file (format={meta.get('format')!r})")
+        tensors, meta = load_tensors(path, FORMAT, "subspace")
         try:
             shapes = json.loads(meta["modules"])
             diagnostics = json.loads(meta["diagnostics"])

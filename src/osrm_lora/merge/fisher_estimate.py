@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..io import OsrmFileError, load_tensors, save_tensors
+from ..io import load_tensors, save_tensors
 from ..modules import find_target_modules, in_out_features
 
 FORMAT = "osrm-lora/fisher/1"
@@ -131,7 +131,4 @@ def save_fisher(path: str | Path, fisher: Mapping[str, torch.Tensor], *, task: s
 
 
 def load_fisher(path: str | Path) -> dict[str, torch.Tensor]:
-    tensors, meta = load_tensors(path)
-    if meta.get("format") != FORMAT:
-        raise OsrmFileError(f"{path}: not an osrm-lora Fisher file (format={meta.get('format')!r})")
-    return tensors
+    return load_tensors(path, FORMAT, "Fisher")[0]
