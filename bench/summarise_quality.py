@@ -1,0 +1,73 @@
+"""Summarise a finished quality run (``osrm-lora run bench/glue_minilm.yaml``) into bench/results/.
+
+Writes ``<out>.json`` (machine, run settings, wall time, OSRM − gaussian gaps, the full results) and ``<out>.md``
+(the gaps, then the report's tables), plus the report's CSVs and plots under ``<out>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from osrm_lora.io import write_json, write_text
+from osrm_lora.report import best_lambda_table, fixed_lambda_table, table_markdown, write_report
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "device": "cpu"}
+
+
+def gaps(table) -> dict:
+    """OSRM minus gaussian, in points, for every method present with both inits."""
+    rows = {(r.init, r.method): r for r in table.rows}
+    out = {}
+    for (init, method), row in rows.items():
+        base = rows.get(("gaussian", method))
+        if init == "osrm" and base is not None:
+            out[method] = {"average": 100 * (row.average - base.average),
+                           "normalised_average": 100 * (row.normalised_average - base.normalised_average),
+                           "osrm_lambda": row.lam, "gaussian_lambda": base.lam}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dir", nargs="?", default="runs/glue_minilm")
+    parser.add_argument("--out", default="bench/results/glue_minilm")
+    args = parser.parse_args()
+    run_dir, out = Path(args.run_dir), Path(args.out)
+    results = json.loads((run_dir / "results.json").read_text())
+    experiment = json.loads((run_dir / "experiment.json").read_text())
+    times = [p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file()]
+    best, fixed = best_lambda_table(results), fixed_lambda_table(results)
+    summary = {"machine": machine(), "experiment": experiment, "wall_minutes_first_to_last_file":
+               round((max(times) - min(times)) / 60, 1), "gap_best_lambda": gaps(best),
+               "gap_fixed_lambda": gaps(fixed), "results": results}
+    write_json(out.with_suffix(".json"), summary)
+    write_report(results, out)
+    lines = [f"# {results['experiment']} ({results['model']}): gaussian vs OSRM init\n",
+             f"Machine: {summary['machine']['cpu']}, {summary['machine']['cores']} cores, torch "
+             f"{summary['machine']['torch']}; run took {summary['wall_minutes_first_to_last_file']} min.\n",
+             "## OSRM − gaussian (points of average score / normalised average)\n",
+             "| method | best λ: avg | best λ: norm. avg | fixed λ: avg | fixed λ: norm. avg |",
+             "|---|---:|---:|---:|---:|"]
+    for method, g in summary["gap_best_lambda"].items():
+        f = summary["gap_fixed_lambda"].get(method, {})
+        lines.append(f"| {method} | {g['average']:+.2f} | {g['normalised_average']:+.2f} | "
+                     f"{f.get('average', float('nan')):+.2f} | {f.get('normalised_average', float('nan')):+.2f} |")
+    lines += ["", f"## {best.title}\n", table_markdown(best), f"## {fixed.title}\n", table_markdown(fixed),
+              f"Plots: `{out.name}/plots/`.\n"]
+    write_text(out.with_suffix(".md"), "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
