@@ -54,8 +54,8 @@ def main() -> None:
     write_json(out.with_suffix(".json"), summary)
     write_report(results, out)
     lines = [f"# {results['experiment']} ({results['model']}): gaussian vs OSRM init\n",
-             f"Machine: {summary['machine']['cpu']}, {summary['machine']['cores']} cores, torch "
-             f"{summary['machine']['torch']}; run took {summary['wall_minutes_first_to_last_file']} min.\n",
+             (f"Machine: {summary['machine']['cpu']}, {summary['machine']['cores']} cores, torch "
+              f"{summary['machine']['torch']}; run took {summary['wall_minutes_first_to_last_file']} min.\n"),
              "## OSRM − gaussian (points of average score / normalised average)\n",
              "| method | best λ: avg | best λ: norm. avg | fixed λ: avg | fixed λ: norm. avg |",
              "|---|---:|---:|---:|---:|"]
