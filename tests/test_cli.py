@@ -245,6 +245,10 @@ def test_stats_and_eval_commands_on_a_tiny_model(tmp_path):
         *files,
         "--samples",
         "8",
+        "--seed",
+        "3",
+        "--batch-size",
+        "3",
         "--out",
         str(tmp_path / "topic.safetensors"),
         "--quiet",
@@ -252,6 +256,22 @@ def test_stats_and_eval_commands_on_a_tiny_model(tmp_path):
     assert result.exit_code == 0, result.output
     stats = TaskStats.load(tmp_path / "topic.safetensors")
     assert stats.task == "topic" and len(stats.modules) == 4 and stats.tokens > 8
+    assert f"{tmp_path / 'topic.safetensors'}: task topic, 4 modules, {stats.tokens} tokens" in result.plain
+
+    from osrm_lora.distributed import collect_task_stats
+    from osrm_lora.tasks import get_task
+
+    task = get_task(
+        "topic",
+        files={split: str(tmp_path / "data" / f"topic_{split}.jsonl") for split in ("train", "dev")},
+        text_column="sentence",
+    )
+    direct = collect_task_stats(task, str(model_dir), samples=8, seed=3, batch_size=3)
+    assert (stats.tokens, stats.modules, stats.model) == (direct.tokens, direct.modules, direct.model)
+    assert stats.extra == direct.extra
+    for m in direct.modules:
+        torch.testing.assert_close(stats.second[m], direct.second[m], rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(stats.first[m], direct.first[m], rtol=1e-6, atol=1e-5)
 
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -289,3 +309,81 @@ def test_stats_and_eval_commands_on_a_tiny_model(tmp_path):
         predictions = peft_model.eval()(**batch).logits.argmax(-1).numpy()
     expected = float(np.mean(predictions == np.array([r["label"] for r in rows])))
     assert got["metrics"]["accuracy"] == pytest.approx(expected)
+
+
+def test_merge_full_model_writes_the_in_memory_merge_as_shards(tmp_path):
+    """`--full-model` writes base + merge shard by shard; it loads with from_pretrained and equals
+    `apply_to_model` (plus the chosen task head) on the base model in memory."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from pipeline_helpers import write_tiny_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from osrm_lora.merge import apply_to_model, load_head, merge_adapters
+
+    tiny = write_tiny_model(tmp_path / "tiny")
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=2).save_pretrained(tmp_path / "base")
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "base")
+    for seed, name in enumerate(["a", "b"]):
+        torch.manual_seed(10 + seed)
+        model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=2, target_modules=["query", "value"], init_lora_weights=False
+        )
+        peft_model = get_peft_model(model, config)
+        for param_name, param in peft_model.named_parameters():
+            if "modules_to_save" in param_name:  # a task head of its own
+                param.data.normal_()
+        peft_model.save_pretrained(tmp_path / name)
+
+    folders = [str(tmp_path / "a"), str(tmp_path / "b")]
+    result = invoke(
+        "merge",
+        *folders,
+        "--method",
+        "ties",
+        "--param",
+        "density=0.5",
+        "--lambda",
+        "0.8",
+        "--full-model",
+        str(tmp_path / "base"),
+        "--heads-from",
+        "b",
+        "--max-shard-size",
+        "40KB",
+        "--out",
+        str(tmp_path / "merged"),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert len(info["files"]) > 1 and (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    expected = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    merged = merge_adapters(folders, "ties", density=0.5, scaling=0.8)
+    assert apply_to_model(expected, merged) and load_head(expected, merged.adapters["b"])
+    got, want, original = loaded.state_dict(), expected.state_dict(), base.state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    query = "bert.encoder.layer.1.attention.self.query.weight"
+    assert not torch.equal(got[query], original[query]) and not torch.equal(
+        got["classifier.weight"], original["classifier.weight"]
+    )
+
+    refused = invoke(
+        "merge",
+        *folders,
+        "--method",
+        "ties",
+        "--full-model",
+        str(tmp_path / "base"),
+        "--rank",
+        "2",
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert refused.exit_code == 2 and "--rank" in refused.plain

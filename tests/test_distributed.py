@@ -1,7 +1,8 @@
 """Several processes: sharding, statistics under torchrun equal to one process, DDP training saved once.
 
 The multi-process tests share one launch of `python -m torch.distributed.run --nproc_per_node 2` on CPU (Gloo)
-of tests/dist_scripts/worker.py, on a tiny random BERT saved with an offline word-level tokenizer.
+of tests/dist_scripts/worker.py (which also runs the `osrm-lora stats` command), on a tiny random BERT saved
+with an offline word-level tokenizer.
 """
 
 from __future__ import annotations
@@ -69,8 +70,12 @@ def bert_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def task_file(tmp_path_factory) -> Path:
+    """The task as one JSON file of spec and rows, and the same rows as train/dev JSONL files beside it."""
     path = tmp_path_factory.mktemp("task") / "task.json"
-    path.write_text(json.dumps({"spec": SPEC.to_dict(), "train": _rows(61, 0), "dev": _rows(10, 1)}))
+    splits = {"train": _rows(61, 0), "dev": _rows(10, 1)}
+    path.write_text(json.dumps({"spec": SPEC.to_dict(), **splits}))
+    for split, rows in splits.items():
+        (path.parent / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
@@ -94,15 +99,16 @@ def _torchrun(script: Path, *args: object, cwd: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(bert_dir, task_file, tmp_path_factory) -> dict[str, Path]:
-    """One torchrun launch of tests/dist_scripts/worker.py: sharded statistics, then DDP training."""
+def two_process_run(bert_dir, task_file, tmp_path_factory) -> dict:
+    """One torchrun launch of tests/dist_scripts/worker.py: the stats command, sharded statistics, DDP training;
+    the output paths and the launch's printed output."""
     root = tmp_path_factory.mktemp("torchrun")
     paths = {"stats": root / "stats" / "sentiment.safetensors", "adapter": root / "adapters" / "sentiment",
-             "logs": root / "logs"}
+             "logs": root / "logs", "cli_stats": root / "cli" / "sentiment.safetensors"}
     paths["logs"].mkdir()
-    _torchrun(WORKER, bert_dir, task_file, paths["stats"], STATS_SAMPLES, STATS_BATCH, paths["adapter"],
-              paths["logs"], cwd=root)
-    return paths
+    output = _torchrun(WORKER, bert_dir, task_file, paths["stats"], STATS_SAMPLES, STATS_BATCH, paths["adapter"],
+                       paths["logs"], paths["cli_stats"], cwd=root)
+    return {**paths, "output": output}
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 7, 8, 61])
@@ -176,6 +182,20 @@ def test_two_process_statistics_equal_one_process(bert_dir, task_file, two_proce
     assert sharded.second["bert.encoder.layer.0.attention.self.query"] is \
         sharded.second["bert.encoder.layer.0.attention.self.value"]
     assert sorted(p.name for p in out_file.parent.iterdir()) == [out_file.name]  # one file, no leftovers
+
+
+def test_two_process_stats_command_equals_one_process(bert_dir, task_file, two_process_run):
+    """`osrm-lora stats` under torchrun joins the group itself, writes once and prints on rank 0 only."""
+    single = collect_task_stats(_train_task(task_file), bert_dir, split="train", samples=STATS_SAMPLES, seed=3,
+                                batch_size=STATS_BATCH, max_length=24)
+    out_file = two_process_run["cli_stats"]
+    from_cli = TaskStats.load(out_file)
+    assert from_cli.tokens == single.tokens and from_cli.modules == single.modules
+    for m in single.modules:
+        torch.testing.assert_close(from_cli.second[m], single.second[m], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(from_cli.first[m], single.first[m], rtol=1e-5, atol=1e-4)
+    assert sorted(p.name for p in out_file.parent.iterdir()) == [out_file.name]
+    assert two_process_run["output"].count(f"{out_file}: task sentiment, 4 modules, {single.tokens} tokens") == 1
 
 
 def test_two_process_training_saves_the_adapter_once(bert_dir, two_process_run):

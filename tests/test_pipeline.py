@@ -22,7 +22,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from osrm_lora import train as train_module
 from osrm_lora.config import ConfigError, load_experiment, parse_demo, parse_experiment
-from osrm_lora.pipeline import run_experiment
+from osrm_lora.pipeline import Experiment, run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["sentiment", "topic"]
@@ -31,6 +31,8 @@ UNITS = {
     "subspaces": 1,
     "train": 4,
     "eval": 4,
+    "fisher": 0,
+    "grams": 0,
     "merge": 2 * (2 + 2 + 1),
     "interference": 2,
     "report": 1,
@@ -264,6 +266,107 @@ def test_edited_data_file_retrains_that_task_only(reference, tmp_path):
     assert len(summary.stages["eval"].ran) == 2 and len(summary.stages["merge"].ran) == UNITS["merge"]
 
 
+def _peft_model(model_dir: Path, adapter_dir: Path):
+    from peft import PeftModel
+
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def test_fisher_and_regmean_merges_equal_the_library_on_fine_tuned_statistics(
+    reference, model_dir, tmp_path, monkeypatch
+):
+    """Fisher diagonals and RegMean Grams are estimated on each fine-tuned model (a PEFT model here, the
+    pipeline's dressed base model there), cached, and the merges equal `merge_adapters` on those files."""
+    from osrm_lora.adapters import LoraAdapter
+    from osrm_lora.merge import estimate_fisher, load_fisher, merge_adapters
+    from osrm_lora.stats import TaskStats, collect_stats
+    from osrm_lora.tasks import get_task, make_dataloader
+
+    path = _copy_experiment(reference[0], tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["fisher"] = {"samples": 16, "batch_size": 8, "max_length": 16}
+    data["merge"] = [
+        {"method": "fisher", "lambdas": [1.0]},
+        {"method": "regmean", "lambdas": [1.0]},
+        {"method": "regmean", "name": "regmean_base", "grams": "base", "lambdas": [1.0]},
+    ]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    config = load_experiment(path)
+    assert [m.grams for m in config.merge] == [None, "finetuned", "base"]
+
+    evaluated = {}  # (label, init, task) -> the merged deltas the pipeline evaluated
+    real_evaluate = Experiment._evaluate
+
+    def record(self, task_name, deltas, head, source):
+        if source.startswith("merge "):
+            label, init = source.removeprefix("merge ").split("/")[:2]
+            evaluated[(label, init, task_name)] = {m: d.clone() for m, d in deltas.items()}
+        return real_evaluate(self, task_name, deltas, head, source)
+
+    monkeypatch.setattr(Experiment, "_evaluate", record)
+    summary = run_experiment(config, progress=False)
+    ran = {k: len(v.ran) for k, v in summary.stages.items()}
+    assert ran == {**{k: 0 for k in UNITS}, "fisher": 4, "grams": 4, "merge": 6, "report": 1}
+
+    out = config.output_dir
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tasks = {t.name: get_task(t.name, **t.source_options(config._base_dir)) for t in config.tasks}
+    for init in config.inits:
+        adapters, fishers, grams = [], [], []
+        for name, task in tasks.items():
+            folder = out / "adapters" / init / "seed0" / name
+            adapters.append(LoraAdapter.load(folder, name=name))
+            peft_model = _peft_model(model_dir, folder)
+            fisher_batches = make_dataloader(
+                task.split("train", max_examples=16, seed=0),
+                tokenizer,
+                task.spec,
+                batch_size=8,
+                max_length=16,
+            )
+            expected_fisher = estimate_fisher(peft_model, fisher_batches, ["query", "value"], seed=0)
+            fishers.append(load_fisher(out / "fisher" / init / "seed0" / f"{name}.safetensors"))
+            assert set(fishers[-1]) == set(expected_fisher) and len(expected_fisher) == 4
+            for m, f in expected_fisher.items():
+                torch.testing.assert_close(fishers[-1][m], f, rtol=1e-4, atol=1e-7 * float(f.max()))
+            stats_batches = make_dataloader(
+                task.split("train", max_examples=32, seed=0),
+                tokenizer,
+                task.spec,
+                batch_size=16,
+                max_length=16,
+            )
+            grams.append(collect_stats(peft_model, stats_batches, ["query", "value"], task=name))
+            saved = TaskStats.load(out / "grams" / init / "seed0" / f"{name}.safetensors")
+            assert saved.tokens == grams[-1].tokens
+            for m in grams[-1].modules:
+                torch.testing.assert_close(saved.second[m], grams[-1].second[m], rtol=1e-4, atol=1e-4)
+            # Layer 1 sees the fine-tuned layer 0's output: these are not the base model's statistics.
+            base_stats = TaskStats.load(out / "stats" / f"{name}.safetensors")
+            layer1 = "bert.encoder.layer.1.attention.self.query"
+            assert not torch.allclose(saved.second[layer1], base_stats.second[layer1], rtol=1e-3)
+
+        base_stats = [TaskStats.load(out / "stats" / f"{t}.safetensors") for t in tasks]
+        expected = {
+            "fisher": merge_adapters(adapters, "fisher", fisher=fishers, scaling=1.0),
+            "regmean": merge_adapters(adapters, "regmean", stats=grams, scaling=1.0),
+            "regmean_base": merge_adapters(adapters, "regmean", stats=base_stats, scaling=1.0),
+        }
+        for label, merged in expected.items():
+            deltas = {m.name: m.dense() for m in merged}
+            for name in tasks:
+                got = evaluated[(label, init, name)]
+                assert got.keys() == deltas.keys()
+                for m, delta in deltas.items():
+                    torch.testing.assert_close(got[m], delta, rtol=1e-4, atol=1e-6 * float(delta.abs().max()))
+
+    monkeypatch.setattr(Experiment, "_evaluate", real_evaluate)
+    again = run_experiment(config, progress=False)
+    assert not again.ran_anything
+    assert (len(again.stages["fisher"].skipped), len(again.stages["grams"].skipped)) == (4, 4)
+
+
 def test_interrupted_run_resumes_to_the_same_results(reference, model_dir, tmp_path, monkeypatch):
     _, uninterrupted = reference
     config = load_experiment(write_experiment(tmp_path, model_dir))
@@ -340,6 +443,9 @@ def _error(data: dict, tmp_path: Path) -> str:
         (lambda d: d["evaluation"].update(split="validation"), "evaluation.split", "dev"),
         (lambda d: d.pop("model"), "model", "required"),
         (lambda d: d.update(seeds=[0, 0]), "seeds", "unique"),
+        (lambda d: d["merge"][0].update(grams="base"), "merge[0]", "uses no Gram matrices"),
+        (lambda d: d["merge"].append({"method": "regmean", "grams": "fine"}), "merge[3].grams", "finetuned"),
+        (lambda d: d.update(fisher={"labels": "gold"}), "fisher.labels", "empirical"),
     ],
 )
 def test_bad_configs_name_the_key(change, key, words, tmp_path):

@@ -187,7 +187,8 @@ def _run_config(config, force: list[str] | None, quiet: bool, as_json: bool) -> 
 
 
 FORCE_HELP = (
-    "redo this stage even if cached (repeatable): stats, subspaces, train, eval, merge, interference, report"
+    "redo this stage even if cached (repeatable): stats, subspaces, train, eval, fisher, grams, merge, "
+    "interference, report"
 )
 
 
@@ -290,7 +291,8 @@ def stats(
         int, typer.Option("--samples", min=1, help="examples of the split to feed through the model")
     ] = 64,
     split: Annotated[str, typer.Option("--split", help="split to sample")] = "train",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the sample of the split")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="per process")] = 16,
     max_length: Annotated[int, typer.Option("--max-length", min=1)] = 128,
     target_modules: Annotated[
         str | None,
@@ -304,22 +306,32 @@ def stats(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
 ) -> None:
-    """Collect a task's input statistics (Σxxᵀ, Σx per target module) on the base model."""
-    from .modules import default_target_modules
-    from .stats import collect_stats
-    from .tasks import make_dataloader
-    from .train import load_model_and_tokenizer
+    """Collect a task's input statistics (Σxxᵀ, Σx per target module) on the base model.
+
+    Runs on several GPUs or nodes unchanged under `torchrun` or `accelerate launch` (`-m osrm_lora.cli
+    stats ...`): each process feeds its share of the sample, the sums are all-reduced, rank 0 writes.
+    """
+    from .distributed import collect_task_stats, init_from_env, is_main
 
     _quiet_libraries()
+    init_from_env()
     the_task = _load_task(task, glue_dir, files, task_option)
-    base, tokenizer = load_model_and_tokenizer(model, the_task.spec, trust_remote_code=trust_remote_code)
-    targets = target_modules.split(",") if target_modules else default_target_modules(base.config.model_type)
-    data = the_task.split(split, max_examples=samples, seed=0)
-    batches = make_dataloader(data, tokenizer, the_task.spec, batch_size=batch_size, max_length=max_length)
     with _to_stderr():
-        result = collect_stats(base, batches, targets, task=the_task.name, model_id=model, progress=not quiet)
-    result.save(out_file)
-    out.print(f"{out_file}: task {the_task.name}, {len(result.modules)} modules, {result.tokens} tokens")
+        result = collect_task_stats(
+            the_task,
+            model,
+            split=split,
+            samples=samples,
+            seed=seed,
+            batch_size=batch_size,
+            max_length=max_length,
+            target_modules=target_modules.split(",") if target_modules else None,
+            out_path=out_file,
+            trust_remote_code=trust_remote_code,
+            progress=not quiet,
+        )
+    if is_main():
+        out.print(f"{out_file}: task {the_task.name}, {len(result.modules)} modules, {result.tokens} tokens")
 
 
 @app.command(
@@ -498,7 +510,9 @@ def _methods_table(methods: list[dict]) -> Table:
     epilog="Examples:\n\n"
     "  osrm-lora merge --list\n\n"
     "  osrm-lora merge adapters/a adapters/b --method ties --param density=0.2 --lambda 1.0 --out merged "
-    "--rank 16",
+    "--rank 16\n\n"
+    "  osrm-lora merge adapters/a adapters/b --method ties --param density=0.2 --full-model Llama-2-7b-hf/ "
+    "--heads-from a --out merged-model --max-shard-size 2GB",
 )
 def merge(
     adapters: Annotated[
@@ -510,7 +524,10 @@ def merge(
     ] = None,
     lam: Annotated[float | None, typer.Option("--lambda", help="global λ (the method's `scaling`)")] = None,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", "-o", help="write the merge as a PEFT adapter here")
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="write the merge as a PEFT adapter here (a full model with --full-model)"
+        ),
     ] = None,
     rank: Annotated[
         int | None, typer.Option("--rank", help="truncate dense merges to this rank (SVD)")
@@ -527,13 +544,28 @@ def merge(
     fisher_files: Annotated[
         list[Path] | None, typer.Option("--fisher", help="Fisher diagonals per adapter (Fisher merging)")
     ] = None,
+    full_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--full-model",
+            help="base checkpoint folder (safetensors): write base + merged update as a full model to --out, "
+            "shard by shard without loading the model",
+        ),
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="largest weight file of a --full-model output")
+    ] = "2GB",
     list_: Annotated[
         bool, typer.Option("--list", help="list the methods and their typed hyper-parameters")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
-    """Merge LoRA adapters with a registered method and save the result as a PEFT adapter."""
-    from .merge import list_methods, load_fisher, merge_adapters, save_adapter
+    """Merge LoRA adapters with a registered method and save the result as a PEFT adapter.
+
+    With --full-model, write the merged full model instead (`from_pretrained`-ready safetensors shards),
+    reading the base checkpoint one tensor at a time, so models larger than memory can be merged.
+    """
+    from .merge import list_methods, load_fisher, merge_adapters, merge_checkpoint_sharded, save_adapter
     from .stats import TaskStats
 
     if list_:
@@ -545,6 +577,8 @@ def merge(
         return
     if not adapters or method is None or out_dir is None:
         _fail("give adapter folders, --method and --out (or --list to see the methods)")
+    if full_model is not None and rank is not None:
+        _fail("--rank truncates an adapter export; a --full-model merge is written exactly, without it")
     hyper = _key_values(param or [], "--param")
     if lam is not None:
         hyper["scaling"] = lam
@@ -555,9 +589,35 @@ def merge(
         if fisher_files:
             kwargs["fisher"] = [load_fisher(p) for p in fisher_files]
         merged = merge_adapters([str(a) for a in adapters], method, **kwargs, **hyper)
-        export = save_adapter(merged, out_dir, rank, task=task, heads_from=heads_from)
+        if full_model is not None:
+            written = merge_checkpoint_sharded(
+                full_model,
+                merged,
+                None,
+                out_dir,
+                max_shard_size=max_shard_size,
+                task=task,
+                heads_from=heads_from,
+            )
+        else:
+            export = save_adapter(merged, out_dir, rank, task=task, heads_from=heads_from)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
+    if full_model is not None:
+        info = {
+            "path": str(out_dir),
+            **merged.describe(),
+            "files": written.files,
+            "bytes": written.total_size,
+        }
+        if as_json:
+            _print_json(info)
+        else:
+            out.print(
+                f"{out_dir}: full model, {full_model} + {method} of {', '.join(merged.tasks)} "
+                f"({len(written.files)} weight files)"
+            )
+        return
     info = {"path": str(out_dir), **merged.describe(), **export.report()}
     if as_json:
         _print_json(info)

@@ -5,6 +5,15 @@ the inits to compare, the statistics and subspace options, the merge methods wit
 grids, the seeds and the output folder. Every key is checked by pydantic before anything runs, and an error
 names the file and the exact key (``merge[1].params.density``), so a typo never costs a training run.
 
+Merge methods that need per-task statistics of the fine-tuned models get them from cached stages:
+
+- ``method: regmean`` takes each task's input Gram matrices. ``grams: finetuned`` (the default, as in the
+  RegMean paper) collects them on each task's fine-tuned model; ``grams: base`` reuses the base model's
+  statistics (faster: no pass per adapter). The sample is the one of the ``statistics:`` section.
+- ``method: fisher`` takes each fine-tuned adapter's diagonal Fisher, estimated as the top-level ``fisher:``
+  section says (``samples``, ``batch_size``, ``max_length``, ``split``, ``labels: sampled|empirical``),
+  once per adapter and shared by every Fisher merge entry.
+
 Relative paths (output folder, task data files) are relative to the experiment file's folder.
 """
 
@@ -34,7 +43,7 @@ DEFAULT_LAMBDAS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
 DEFAULT_FIXED_LAMBDA = 1.0
 # Options of a task entry that are file paths, resolved against the experiment file's folder.
 PATH_OPTIONS = ("glue_dir", "files")
-STAGES = ("stats", "subspaces", "train", "eval", "merge", "interference", "report")
+STAGES = ("stats", "subspaces", "train", "eval", "fisher", "grams", "merge", "interference", "report")
 
 
 class ConfigError(ValueError):
@@ -84,7 +93,8 @@ def _resolve(value: Any, base_dir: Path) -> Any:
 
 
 class StatisticsConfig(_Strict):
-    """How each task's input statistics are collected (once per task, cached)."""
+    """How each task's input statistics are collected: once per task on the base model, and with `grams:
+    finetuned` once per adapter on its fine-tuned model (the same sample), cached."""
 
     samples_per_task: int = Field(
         64, gt=0, description="training examples per task fed through the base model"
@@ -100,6 +110,21 @@ class SubspaceConfig(_Strict):
     variant: Literal["cov", "centered"] = "cov"
     weighting: Literal["equal", "tokens", "trace"] = "equal"
     scale: Literal["orthonormal", "kaiming"] = "orthonormal"
+
+
+class FisherConfig(_Strict):
+    """How each fine-tuned adapter's diagonal Fisher is estimated for `method: fisher` merges (cached per adapter).
+
+    The sample is drawn with the adapter's training seed, which also seeds the sampled labels."""
+
+    samples: int = Field(64, gt=0, description="examples of the split fed through each fine-tuned model")
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(128, gt=0, description="tokens per example after truncation")
+    split: Literal["train", "dev"] = "train"
+    labels: Literal["sampled", "empirical"] = Field(
+        "sampled",
+        description="y drawn from the model (true Fisher, as in Matena & Raffel) or the gold labels",
+    )
 
 
 class EvaluationConfig(_Strict):
@@ -129,6 +154,10 @@ class MergeConfig(_Strict):
     fixed_lambda: float | None = Field(
         None, gt=0, description=f"λ of the fixed-λ view ({DEFAULT_FIXED_LAMBDA})"
     )
+    grams: Literal["finetuned", "base"] | None = Field(
+        None,
+        description="RegMean only: Gram matrices of each fine-tuned model's inputs (default) or the base model's",
+    )
 
     @property
     def label(self) -> str:
@@ -144,11 +173,7 @@ class MergeConfig(_Strict):
     def _known_method(cls, method: str) -> str:
         from .merge.registry import get_method
 
-        if "fisher" in get_method(method).requires:
-            raise ValueError(
-                f"merge method {method!r} needs per-task Fisher diagonals, which experiments do not compute; "
-                f"merge such adapters with `osrm-lora merge`"
-            )
+        get_method(method)
         return method
 
     @field_validator("lambdas")
@@ -173,6 +198,17 @@ class MergeConfig(_Strict):
             spec = get_method(info.data["method"])
             spec.parse({**params, "scaling": 1.0} if spec.post_scale else params)
         return params
+
+    @model_validator(mode="after")
+    def _gram_source(self) -> MergeConfig:
+        from .merge.registry import get_method
+
+        if "gram" not in get_method(self.method).requires:
+            if self.grams is not None:
+                raise ValueError(f"merge method {self.method!r} uses no Gram matrices; remove 'grams'")
+        elif self.grams is None:
+            self.grams = "finetuned"
+        return self
 
     @model_validator(mode="after")
     def _lambda_grid(self) -> MergeConfig:
@@ -204,6 +240,7 @@ class ExperimentConfig(_Strict):
     subspace: SubspaceConfig = Field(default_factory=SubspaceConfig)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
+    fisher: FisherConfig = Field(default_factory=FisherConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     merge: list[MergeConfig] = Field(min_length=1)
     interference: bool = Field(True, description="compute interference matrices (needs the statistics)")

@@ -17,6 +17,8 @@ Output folder layout::
     subspaces/<variant>/<task>.safetensors  OSRM subspaces (leave-one-out)
     adapters/<init>/seed<s>/<task>/        PEFT adapters (with their task heads)
     eval/individual/<init>/seed<s>/<task>.json
+    fisher/<init>/seed<s>/<task>.safetensors  diagonal Fisher of each fine-tuned model (Fisher merging)
+    grams/<init>/seed<s>/<task>.safetensors   TaskStats of each fine-tuned model's inputs (RegMean)
     eval/merged/<method>/<init>/seed<s>/lambda<λ>.json
     interference/<init>/seed<s>.json
     results.json, report.md, table_*.csv, plots/*.png
@@ -24,10 +26,11 @@ Output folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,14 +231,23 @@ class Experiment:
 
     @property
     def needs_stats(self) -> bool:
-        from .merge.registry import get_method
         from .train import OSRM_VARIANTS
 
         return (
             self.config.interference
             or any(init in OSRM_VARIANTS for init in self.config.inits)
-            or any("gram" in get_method(m.method).requires for m in self.config.merge)
+            or any(m.grams == "base" for m in self.config.merge)
         )
+
+    @property
+    def needs_fisher(self) -> bool:
+        from .merge.registry import get_method
+
+        return any("fisher" in get_method(m.method).requires for m in self.config.merge)
+
+    @property
+    def needs_finetuned_grams(self) -> bool:
+        return any(m.grams == "finetuned" for m in self.config.merge)
 
     def stats_path(self, task: str) -> Path:
         return self.out / "stats" / f"{task}.safetensors"
@@ -259,24 +271,33 @@ class Experiment:
             )
         return digests
 
+    def _statistics_batches(self, name: str, tokenizer):
+        """The seeded sample of the `statistics` section, batched (base and fine-tuned statistics share it)."""
+        from .tasks import make_dataloader
+
+        settings = self.config.statistics
+        task = self.task(name)
+        data = task.split(settings.split, max_examples=settings.samples_per_task, seed=0)
+        return make_dataloader(
+            data, tokenizer, task.spec, batch_size=settings.batch_size, max_length=settings.max_length
+        )
+
     def _collect_stats(self, name: str, path: Path) -> None:
         from .modules import default_target_modules
         from .stats import collect_stats
-        from .tasks import make_dataloader
 
         self.log(f"statistics of task {name}")
         evaluator = self.evaluator()
         evaluator.restore()
         model, tokenizer = evaluator.model, evaluator.tokenizer
-        settings = self.config.statistics
-        task = self.task(name)
         targets = self.config.lora.target_modules or default_target_modules(model.config.model_type)
-        data = task.split(settings.split, max_examples=settings.samples_per_task, seed=0)
-        batches = make_dataloader(
-            data, tokenizer, task.spec, batch_size=settings.batch_size, max_length=settings.max_length
-        )
         stats = collect_stats(
-            model, batches, targets, task=name, model_id=self.config.model.name, progress=self.progress
+            model,
+            self._statistics_batches(name, tokenizer),
+            targets,
+            task=name,
+            model_id=self.config.model.name,
+            progress=self.progress,
         )
         stats.save(path)
 
@@ -383,6 +404,49 @@ class Experiment:
 
         return LoraAdapter.load(self.adapter_dir(init, seed, task), name=task)
 
+    @contextlib.contextmanager
+    def finetuned_model(self, init: str, seed: int, task: str) -> Iterator[tuple[Any, Any, Any]]:
+        """(model, tokenizer, adapter): the base model dressed as the task's fine-tuned model, W0 + ΔW in its
+        target weights and the task's head (the same function as the PEFT model, without LoRA layers)."""
+        from .evaluate import task_head
+
+        adapter = self.load_adapter(init, seed, task)
+        evaluator = self.evaluator()
+        model = evaluator.apply(
+            adapter.deltas(), task_head(adapter), source=f"adapter {init}/seed{seed}/{task}"
+        )
+        try:
+            yield model, evaluator.tokenizer, adapter
+        finally:
+            evaluator.restore()
+
+    def _per_adapter(
+        self,
+        stage: str,
+        adapters: dict[tuple[str, int, str], str],
+        settings: dict,
+        path_of: Callable[[str, int, str], Path],
+        produce: Callable[[str, int, str, Path], None],
+    ) -> dict[tuple[str, int, str], str]:
+        """One cached unit per adapter, keyed by the adapter, its task, the base model and `settings`."""
+        digests = {}
+        for (init, seed, name), adapter_digest in adapters.items():
+            inputs = {
+                "adapter": adapter_digest,
+                "task": self.task_inputs(name),
+                "model": self.model_inputs,
+                **settings,
+            }
+            path = path_of(init, seed, name)
+            digests[(init, seed, name)] = self.cache.run(
+                stage,
+                f"{init}/seed{seed}/{name}",
+                inputs,
+                [path],
+                lambda init=init, seed=seed, name=name, path=path: produce(init, seed, name, path),
+            )
+        return digests
+
     def _evaluate(self, task_name: str, deltas: dict, head: dict, source: str) -> dict[str, float]:
         from .evaluate import evaluate_task
 
@@ -414,25 +478,13 @@ class Experiment:
         self, adapters: dict[tuple[str, int, str], str]
     ) -> dict[tuple[str, int, str], str]:
         """Each adapter on its own task: the reference of the normalised scores."""
-        digests = {}
-        for (init, seed, name), adapter_digest in adapters.items():
-            inputs = {
-                "adapter": adapter_digest,
-                "task": self.task_inputs(name),
-                "evaluation": self.config.evaluation.model_dump(),
-                "model": self.model_inputs,
-            }
-            path = self.individual_path(init, seed, name)
-            digests[(init, seed, name)] = self.cache.run(
-                "eval",
-                f"{init}/seed{seed}/{name}",
-                inputs,
-                [path],
-                lambda init=init, seed=seed, name=name, path=path: self._eval_individual(
-                    init, seed, name, path
-                ),
-            )
-        return digests
+        return self._per_adapter(
+            "eval",
+            adapters,
+            {"evaluation": self.config.evaluation.model_dump()},
+            self.individual_path,
+            self._eval_individual,
+        )
 
     def _eval_individual(self, init: str, seed: int, name: str, path: Path) -> None:
         from .evaluate import task_head
@@ -444,10 +496,69 @@ class Experiment:
         )
         write_json(path, {"init": init, "seed": seed, **self._score_record(name, metrics)})
 
+    def fisher_path(self, init: str, seed: int, task: str) -> Path:
+        return self.out / "fisher" / init / f"seed{seed}" / f"{task}.safetensors"
+
+    def run_fisher(self, adapters: dict[tuple[str, int, str], str]) -> dict[tuple[str, int, str], str]:
+        """Each fine-tuned adapter's diagonal Fisher, when a merge entry uses Fisher merging."""
+        if not self.needs_fisher:
+            return {}
+        settings = {"fisher": self.config.fisher.model_dump()}
+        return self._per_adapter("fisher", adapters, settings, self.fisher_path, self._estimate_fisher)
+
+    def _estimate_fisher(self, init: str, seed: int, name: str, path: Path) -> None:
+        from .merge import estimate_fisher, save_fisher
+        from .tasks import make_dataloader
+
+        self.log(f"Fisher of the {name} adapter ({init} init, seed {seed})")
+        settings = self.config.fisher
+        task = self.task(name)
+        with self.finetuned_model(init, seed, name) as (model, tokenizer, adapter):
+            data = task.split(settings.split, max_examples=settings.samples, seed=seed)
+            batches = make_dataloader(
+                data, tokenizer, task.spec, batch_size=settings.batch_size, max_length=settings.max_length
+            )
+            fisher = estimate_fisher(
+                model, batches, sorted(adapter.modules), labels=settings.labels, seed=seed
+            )
+        save_fisher(path, fisher, task=name)
+
+    def grams_path(self, init: str, seed: int, task: str) -> Path:
+        return self.out / "grams" / init / f"seed{seed}" / f"{task}.safetensors"
+
+    def run_grams(self, adapters: dict[tuple[str, int, str], str]) -> dict[tuple[str, int, str], str]:
+        """Statistics of each fine-tuned model's inputs at its adapter's modules, for `grams: finetuned`."""
+        if not self.needs_finetuned_grams:
+            return {}
+        settings = {"statistics": self.config.statistics.model_dump()}
+        return self._per_adapter("grams", adapters, settings, self.grams_path, self._collect_finetuned_stats)
+
+    def _collect_finetuned_stats(self, init: str, seed: int, name: str, path: Path) -> None:
+        from .stats import collect_stats
+
+        self.log(f"statistics of the {name} fine-tuned model ({init} init, seed {seed})")
+        with self.finetuned_model(init, seed, name) as (model, tokenizer, adapter):
+            stats = collect_stats(
+                model,
+                self._statistics_batches(name, tokenizer),
+                sorted(adapter.modules),
+                task=name,
+                model_id=self.config.model.name,
+                progress=self.progress,
+            )
+        stats.extra["adapter"] = f"{init}/seed{seed}/{name}"
+        stats.save(path)
+
     def merged_path(self, label: str, init: str, seed: int, lam: float | None) -> Path:
         return self.out / "eval" / "merged" / label / init / f"seed{seed}" / f"{_lambda_name(lam)}.json"
 
-    def run_merges(self, adapters: dict[tuple[str, int, str], str], stats_digests: dict[str, str]) -> dict:
+    def run_merges(
+        self,
+        adapters: dict[tuple[str, int, str], str],
+        stats_digests: dict[str, str],
+        grams: dict[tuple[str, int, str], str],
+        fisher: dict[tuple[str, int, str], str],
+    ) -> dict:
         """Every merge method × init × seed × λ, evaluated on every task with that task's head."""
         from .merge.registry import get_method
 
@@ -458,6 +569,10 @@ class Experiment:
             for seed in self.config.seeds:
                 for init in self.config.inits:
                     pending: dict[float | None, tuple[str, dict, Path]] = {}
+                    if merge.grams == "finetuned":
+                        gram_digests: Any = [grams[(init, seed, t)] for t in tasks]
+                    else:
+                        gram_digests = stats_digests if merge.grams == "base" else None
                     base = {
                         "adapters": [adapters[(init, seed, t)] for t in tasks],
                         "tasks": [self.task_inputs(t) for t in tasks],
@@ -465,7 +580,10 @@ class Experiment:
                         "params": merge.params,
                         "model": self.model_inputs,
                         "evaluation": self.config.evaluation.model_dump(),
-                        "stats": stats_digests if "gram" in spec.requires else None,
+                        "stats": gram_digests,
+                        "fisher": [fisher[(init, seed, t)] for t in tasks]
+                        if "fisher" in spec.requires
+                        else None,
                     }
                     for lam in merge.grid:
                         unit = f"{merge.label}/{init}/seed{seed}/{_lambda_name(lam)}"
@@ -484,6 +602,7 @@ class Experiment:
     def _merge_and_evaluate(self, merge, init: str, seed: int, pending: dict) -> dict[str, str]:
         """Merge once (λ is a post-factor), then evaluate each pending λ on every task and record it."""
         from .evaluate import task_head
+        from .merge import load_fisher
         from .merge.engine import merge_adapters, merge_sweep
         from .merge.registry import get_method
         from .stats import TaskStats
@@ -492,8 +611,12 @@ class Experiment:
         adapters = [self.load_adapter(init, seed, t) for t in tasks]
         heads = {t: task_head(a) for t, a in zip(tasks, adapters)}
         kwargs: dict[str, Any] = dict(merge.params)
-        if "gram" in get_method(merge.method).requires:
+        if merge.grams == "finetuned":
+            kwargs["stats"] = [TaskStats.load(self.grams_path(init, seed, t)) for t in tasks]
+        elif merge.grams == "base":
             kwargs["stats"] = [TaskStats.load(self.stats_path(t)) for t in tasks]
+        if "fisher" in get_method(merge.method).requires:
+            kwargs["fisher"] = [load_fisher(self.fisher_path(init, seed, t)) for t in tasks]
         if get_method(merge.method).post_scale:
             merges = merge_sweep(adapters, merge.method, [lam for lam in pending], **kwargs)
         else:
@@ -631,7 +754,9 @@ class Experiment:
         subspaces = self.run_subspaces(stats) if stats else {}
         adapters = self.run_training(subspaces)
         individual = self.run_individual_eval(adapters)
-        merges = self.run_merges(adapters, stats)
+        fisher = self.run_fisher(adapters)
+        grams = self.run_grams(adapters)
+        merges = self.run_merges(adapters, stats, grams, fisher)
         interference = self.run_interference(adapters, stats)
         upstream = {
             "individual": {"/".join(map(str, k)): v for k, v in individual.items()},

@@ -1,11 +1,13 @@
-"""Launched by tests/test_distributed.py under torchrun (2 CPU processes, Gloo), one launch for both checks:
+"""Launched by tests/test_distributed.py under torchrun (2 CPU processes, Gloo), one launch for all checks:
 
-1. statistics of a task sharded across the ranks (`collect_task_stats`), written by rank 0;
-2. `train.finetune` with the Trainer's DDP in the process group that step 1 joined. Which ranks write the
-   adapter is logged by wrapping `train._save_adapter`, and each rank's final LoRA state is saved, so the
-   test can check that only rank 0 saved and that the replicas stayed in sync.
+1. the `osrm-lora stats` command on the task's JSONL files (next to TASK_JSON), which joins the process
+   group itself, shards the sample and writes CLI_STATS_FILE from rank 0;
+2. statistics of the same task sharded across the ranks (`collect_task_stats`), written by rank 0;
+3. `train.finetune` with the Trainer's DDP in the same process group. Which ranks write the adapter is
+   logged by wrapping `train._save_adapter`, and each rank's final LoRA state is saved, so the test can
+   check that only rank 0 saved and that the replicas stayed in sync.
 
-Usage: worker.py MODEL_DIR TASK_JSON STATS_FILE SAMPLES BATCH_SIZE ADAPTER_DIR LOG_DIR
+Usage: worker.py MODEL_DIR TASK_JSON STATS_FILE SAMPLES BATCH_SIZE ADAPTER_DIR LOG_DIR CLI_STATS_FILE
 """
 
 import json
@@ -16,12 +18,22 @@ import torch
 from safetensors.torch import save_file
 
 from osrm_lora import train
+from osrm_lora.cli import app
 from osrm_lora.distributed import collect_task_stats, init_from_env, rank, world_size
 from osrm_lora.tasks import Task, TaskSpec
 
-model_dir, task_json, stats_file, samples, batch_size, adapter_dir, log_dir = sys.argv[1:8]
+model_dir, task_json, stats_file, samples, batch_size, adapter_dir, log_dir, cli_stats_file = sys.argv[1:9]
 torch.set_num_threads(1)
 log = Path(log_dir)
+files = Path(task_json).parent
+code = app(
+    ["stats", "--model", model_dir, "--task", "sentiment", "--files", f"train={files / 'train.jsonl'}",
+     "--files", f"dev={files / 'dev.jsonl'}", "--task-option", "label_names=[negative, positive]",
+     "--samples", samples, "--seed", "3", "--batch-size", batch_size, "--max-length", "24",
+     "--out", cli_stats_file, "--quiet"],
+    standalone_mode=False,
+)
+assert not code, f"osrm-lora stats exited with {code}"
 assert init_from_env(), "expected a torchrun launch with WORLD_SIZE > 1"
 data = json.loads(Path(task_json).read_text())
 task = Task.from_records(TaskSpec.from_dict(data["spec"]), {"train": data["train"], "dev": data["dev"]})
