@@ -9,12 +9,13 @@ import math
 import numpy as np
 import pytest
 
-from osrm_lora.evaluate import average, normalised_scores
+from osrm_lora.evaluate import average, normalised_average, normalised_scores
 from osrm_lora.report import (
     RESULTS_FORMAT,
     ResultsError,
     best_lambda_table,
     fixed_lambda_table,
+    table_markdown,
     write_report,
 )
 
@@ -106,6 +107,11 @@ def test_aggregates_match_definition():
     norm = normalised_scores({"a": 0.5, "b": 0.3}, {"a": 1.0, "b": 0.6})
     assert norm == pytest.approx({"a": 0.5, "b": 0.5})
     assert math.isnan(normalised_scores({"a": 0.5}, {"a": 0.0})["a"])
+    assert math.isnan(normalised_scores({"a": 0.5}, {"a": -0.1})["a"])
+    # tasks with no meaningful individual score are left out of the normalised average, not propagated as NaN
+    mixed = normalised_scores({"a": 0.5, "b": 0.3, "c": 0.2}, {"a": 1.0, "b": 0.6, "c": 0.0})
+    assert normalised_average(mixed) == pytest.approx(0.5)
+    assert math.isnan(normalised_average({"c": math.nan}))
     with pytest.raises(ValueError, match="b"):
         normalised_scores({"a": 0.5, "b": 0.2}, {"a": 1.0})
 
@@ -226,3 +232,16 @@ def test_method_without_lambda_has_one_row_in_both_views(results, tmp_path):
             assert row.average == pytest.approx(expected)
     written = write_report(results, tmp_path)
     assert "| osrm | emr |  |" in written["report"].read_text()
+
+
+def test_task_at_chance_is_left_out_of_normalised_average(results):
+    """An individual score of 0 (MCC at chance) cannot normalise: the row averages the other tasks, and says so."""
+    for r in results["individual"]:
+        if r["task"] == "gamma" and r["init"] == "osrm":
+            r["score"] = 0.0
+    table = fixed_lambda_table(results)
+    row = next(r for r in table.rows if (r.init, r.method) == ("osrm", "ties"))
+    ind = _individual_array(results, "osrm")[:, :2]
+    scores = _scores_array(results, "osrm", "ties", row.lam)[:, :2]
+    assert row.normalised_average == pytest.approx((scores / ind).mean())
+    assert "leaves out gamma" in table_markdown(table)

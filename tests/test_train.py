@@ -36,6 +36,7 @@ from osrm_lora.train import (
     finetune,
     load_model_and_tokenizer,
     resolve_precision,
+    start_regression_head_at_mean,
 )
 
 FILLERS = [f"w{i}" for i in range(16)]
@@ -295,6 +296,19 @@ def test_regression_task_trains_a_single_output(bert_dir, tmp_path):
     losses = _losses(result)
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
     assert set(result.metrics) >= {"pearson", "spearman"} and result.metrics["pearson"] > 0.5
+    # the head started at the mean training label (0-4 here), not at 0
+    mean_label = np.mean([r["label"] for r in _counts(64, 0)])
+    assert result.metadata["regression_head_bias_init"] == pytest.approx(mean_label)
+
+
+def test_regression_head_bias_starts_at_mean_label_only_where_there_is_a_bias(decoder_dirs, bert_dir):
+    bert, _ = load_model_and_tokenizer(bert_dir, REG_SPEC)
+    assert start_regression_head_at_mean(bert, [1.0, 2.0, 6.0]) == pytest.approx(3.0)
+    assert torch.equal(bert.classifier.bias, torch.tensor([3.0]))
+    llama, _ = load_model_and_tokenizer(decoder_dirs["llama"], REG_SPEC)  # `score` has no bias
+    before = llama.score.weight.clone()
+    assert start_regression_head_at_mean(llama, [1.0, 2.0]) is None
+    assert torch.equal(llama.score.weight, before)
 
 
 def test_interrupted_run_leaves_no_folder_and_resumes(task, bert_dir, tmp_path, caplog):

@@ -22,13 +22,20 @@ def average(scores: Mapping[str, float]) -> float:
 
 
 def normalised_scores(merged: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, float]:
-    """merged[t] / individual[t] per task; NaN where the individual score is 0 (nothing to normalise by)."""
+    """merged[t] / individual[t] per task; NaN where the individual score is <= 0 (an MCC or a correlation at
+    or below chance gives a ratio with no meaning)."""
     missing = sorted(set(merged) - set(individual))
     if missing:
         raise ValueError(f"no individual fine-tuned score for tasks {missing} to normalise by")
     return {
-        t: (float(s) / float(individual[t]) if individual[t] != 0 else math.nan) for t, s in merged.items()
+        t: (float(s) / float(individual[t]) if individual[t] > 0 else math.nan) for t, s in merged.items()
     }
+
+
+def normalised_average(normalised: Mapping[str, float]) -> float:
+    """Mean of the defined (non-NaN) normalised scores; NaN when none is defined."""
+    defined = [float(v) for v in normalised.values() if not math.isnan(v)]
+    return statistics.fmean(defined) if defined else math.nan
 
 
 def predictions_from_logits(logits: torch.Tensor, regression: bool) -> torch.Tensor:

@@ -360,6 +360,8 @@ class Experiment:
                         "training": training,
                         "subspace": subspace_digests.get(variant) if variant else None,
                     }
+                    if self.task(name).spec.is_regression:  # the regression head starts at the mean label
+                        inputs["regression_head"] = "label_mean"
                     folder = self.adapter_dir(init, seed, name)
                     key = self.cache.key("train", inputs)
                     digests[(init, seed, name)] = self.cache.run(

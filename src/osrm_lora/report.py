@@ -5,7 +5,7 @@ report can be rebuilt at any time with `osrm-lora report OUTPUT_DIR` without tou
 
 Rows are ``init × merge method`` (plus the individually fine-tuned adapters as reference rows), columns are
 the tasks' primary scores, their average and the normalised average (merged score / the same init's individual
-score, averaged over tasks). Two views: the best λ of each row (chosen on the evaluation split, as an upper
+score, averaged over the tasks whose individual score is positive). Two views: the best λ of each row (chosen on the evaluation split, as an upper
 bound, the way the paper's grid search does) and a fixed λ (the method's documented default).
 """
 
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .evaluate import average, normalised_scores
+from .evaluate import average, normalised_average, normalised_scores
 from .io import atomic_path, write_json, write_text
 
 RESULTS_FORMAT = "osrm-lora/results/1"
@@ -113,7 +114,7 @@ def _row(
         scores=scores,
         average=statistics.fmean(averages),
         normalised=normalised,
-        normalised_average=statistics.fmean(average(norm_per_seed[s]) for s in seeds),
+        normalised_average=statistics.fmean(normalised_average(norm_per_seed[s]) for s in seeds),
         average_std=statistics.stdev(averages) if len(averages) > 1 else 0.0,
         seeds=len(seeds),
     )
@@ -238,6 +239,9 @@ def table_markdown(table: Table) -> str:
             f"{100 * row.normalised_average:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    undefined = sorted({t for row in table.rows for t, v in row.normalised.items() if math.isnan(v)})
+    if undefined:
+        lines.append(f"\nnorm. avg leaves out {', '.join(undefined)}: individual score ≤ 0, nothing to normalise by.")
     return "\n".join(lines) + "\n"
 
 

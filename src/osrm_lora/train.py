@@ -191,6 +191,21 @@ def load_model_and_tokenizer(model_name: str, spec: TaskSpec, trust_remote_code:
     return model, tokenizer
 
 
+def start_regression_head_at_mean(model: torch.nn.Module, labels: Sequence[float]) -> float | None:
+    """Set the bias of the regression head (the model's last 1-output Linear) to the mean training label.
+
+    Targets such as STS-B's 0-5 scores are far from a zero-initialised head's output; Adam moves a bias by about
+    one learning rate per step, so a short LoRA run would spend its budget shifting the output instead of
+    learning. Returns the bias set, or None when the head has no bias (Llama/GPT-2 `score`)."""
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    if not heads or heads[-1].bias is None or len(labels) == 0:
+        return None
+    mean = float(statistics.fmean(float(y) for y in labels))
+    with torch.no_grad():
+        heads[-1].bias.fill_(mean)
+    return mean
+
+
 def freeze_factor(peft_model, factor: Literal["none", "A", "B"]) -> list[str]:
     """Stop gradients to every `lora_A` (factor "A") or `lora_B` ("B") parameter; returns their names."""
     if factor == "none":
@@ -421,6 +436,12 @@ def finetune(
     if init in BASE_MUTATING:
         logger.warning("init=%r trains on a base with the initial adapter subtracted; the adapter is saved "
                        "converted to a rank-%d LoRA on the unmodified base, so it stays mergeable", init, 2 * lora.r)
+    with args.main_process_first(desc="tokenize"):
+        train_set = tokenize(task.split("train", max_examples=training.max_train_examples, seed=seed),
+                             tokenizer, spec, max_length=training.max_length)
+        dev_set = tokenize(task.split("dev", max_examples=training.max_eval_examples, seed=seed),
+                           tokenizer, spec, max_length=training.max_length) if has_dev else None
+    head_bias = start_regression_head_at_mean(model, train_set["labels"]) if spec.is_regression else None
     peft_model = get_peft_model(model, _lora_config(model, lora, init))
     if subspace is not None:
         osrm_init(peft_model, subspace)
@@ -442,11 +463,6 @@ def finetune(
         if args.process_index == 0 and not checkpoint:
             save_tensors(initial_file, initial, metadata={"format": "pt"})
 
-    with args.main_process_first(desc="tokenize"):
-        train_set = tokenize(task.split("train", max_examples=training.max_train_examples, seed=seed),
-                             tokenizer, spec, max_length=training.max_length)
-        dev_set = tokenize(task.split("dev", max_examples=training.max_eval_examples, seed=seed),
-                           tokenizer, spec, max_length=training.max_length) if has_dev else None
     timer = StepTimer()
     trainer = Trainer(
         model=peft_model,
@@ -476,6 +492,7 @@ def finetune(
         "tokenizer": model_name,
         "target_modules": sorted(peft_model.peft_config["default"].target_modules),
         "frozen_parameters": frozen,
+        "regression_head_bias_init": head_bias,
         "saved_rank": 2 * lora.r if init in BASE_MUTATING else lora.r,
         "precision": precision,
         "world_size": args.world_size,
