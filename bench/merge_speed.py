@@ -6,7 +6,8 @@ registered method (module by module, each result dropped after it is produced) a
 the process RSS above its level at the start of the call, sampled every 2 ms by a background thread
 (torch's allocations are invisible to tracemalloc). Ratios are our time / PEFT's time.
 
-Caveats: PEFT's `ties` merges A and B separately (not the update), so it is cheap but not the same merge;
+Caveats: PEFT's `ties` merges A and B separately (not the update), so it is cheap but not the same merge; its
+`ties_svd` and `dare_linear_svd` apply TIES / DARE to the dense updates like ours, then truncate with an SVD;
 PEFT's `svd` forms each dense update and takes its full SVD, which dominates the run time at d = 4096.
 RegMean's Gram matrices are shared by the tasks (same cost as distinct ones), Fisher diagonals are generated
 on access (their generation time is included).
@@ -14,6 +15,8 @@ on access (their generation time is included).
     python bench/merge_speed.py                      # d = 2048, 4096; 1 layer; T = 2, 4, 8; r = 8, 16
     python bench/merge_speed.py --full               # 22 layers at d = 2048, 32 at d = 4096 (Llama sizes)
     python bench/merge_speed.py --dims 1024 --tasks 2 4 --ranks 8 --peft svd cat   # a quick check
+    python bench/merge_speed.py --methods ties dare --peft ties_svd dare_linear_svd --output \
+        bench/results/merge_speed_exact.json       # TIES and DARE on the dense updates, ours vs PEFT's
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from osrm_lora.stats import TaskStats
 
 FULL_LAYERS = {2048: 22, 4096: 32}
 METHOD_ARGS = {"ties": {"density": 0.2}, "dare": {"drop_rate": 0.9}}
-PEFT_ARGS = {"ties": {"density": 0.2}, "svd": {}, "cat": {}}
+PEFT_ARGS = {"ties": {"density": 0.2}, "svd": {}, "cat": {},
+             "ties_svd": {"density": 0.2}, "dare_linear_svd": {"density": 0.1}}  # DARE density = 1 - drop rate
 
 
 def rss_bytes() -> int:
@@ -192,7 +196,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1, help="q/v layer pairs per model (default 1)")
     parser.add_argument("--full", action="store_true", help="Llama sizes: 22 layers at d=2048, 32 at d=4096")
     parser.add_argument("--methods", nargs="+", default=[m["name"] for m in list_methods()])
-    parser.add_argument("--peft", nargs="+", default=list(PEFT_ARGS), choices=list(PEFT_ARGS))
+    parser.add_argument("--peft", nargs="+", default=["ties", "svd", "cat"], choices=list(PEFT_ARGS))
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "merge_speed.json")
     args = parser.parse_args()
