@@ -108,6 +108,9 @@ JSON_HELP = "print machine-readable JSON instead of tables"
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="base model: hub id, local folder or builtin:minilm")]
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help=TASK_HELP)]
 GlueDirOpt = Annotated[Path | None, typer.Option("--glue-dir", help=GLUE_HELP)]
+FilesOpt = Annotated[list[str] | None, typer.Option("--files", help=FILES_HELP)]
+TaskOptionOpt = Annotated[list[str] | None, typer.Option("--task-option", help=OPTION_HELP)]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)]
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 
@@ -306,9 +309,9 @@ def stats(
         ),
     ] = None,
     glue_dir: GlueDirOpt = None,
-    files: Annotated[list[str] | None, typer.Option("--files", help=FILES_HELP)] = None,
-    task_option: Annotated[list[str] | None, typer.Option("--task-option", help=OPTION_HELP)] = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    files: FilesOpt = None,
+    task_option: TaskOptionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Collect a task's input statistics (Σxxᵀ, Σx per target module) on the base model.
@@ -429,9 +432,9 @@ def train(
         bool, typer.Option("--resume", help="continue an interrupted run from its last checkpoint")
     ] = False,
     glue_dir: GlueDirOpt = None,
-    files: Annotated[list[str] | None, typer.Option("--files", help=FILES_HELP)] = None,
-    task_option: Annotated[list[str] | None, typer.Option("--task-option", help=OPTION_HELP)] = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    files: FilesOpt = None,
+    task_option: TaskOptionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -649,9 +652,9 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     max_length: Annotated[int, typer.Option("--max-length", min=1)] = 128,
     glue_dir: GlueDirOpt = None,
-    files: Annotated[list[str] | None, typer.Option("--files", help=FILES_HELP)] = None,
-    task_option: Annotated[list[str] | None, typer.Option("--task-option", help=OPTION_HELP)] = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    files: FilesOpt = None,
+    task_option: TaskOptionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
