@@ -1,7 +1,7 @@
 """Summarise a finished quality run (``osrm-lora run bench/glue_minilm.yaml``) into bench/results/.
 
-Writes ``<out>.json`` (machine, run settings, compute minutes per stage, OSRM − gaussian gaps, the full results) and ``<out>.md``
-(the gaps, then the report's tables), plus the report's CSVs and plots under ``<out>/``.
+Writes ``<out>.json`` (machine, run settings, compute minutes per stage, OSRM − gaussian gaps, the full results)
+and ``<out>.md`` (the gaps, then the report's tables), plus the report's CSVs and plots under ``<out>/``.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ report can be rebuilt at any time with `osrm-lora report OUTPUT_DIR` without tou
 
 Rows are ``init × merge method`` (plus the individually fine-tuned adapters as reference rows), columns are
 the tasks' primary scores, their average and the normalised average (merged score / the same init's individual
-score, averaged over the tasks whose individual score is positive). Two views: the best λ of each row (chosen on the evaluation split, as an upper
-bound, the way the paper's grid search does) and a fixed λ (the method's documented default).
+score, averaged over the tasks whose individual score is positive). Two views: the best λ of each row (chosen on
+the evaluation split, as an upper bound, the way the paper's grid search does) and a fixed λ (the method's
+documented default).
 """
 
 from __future__ import annotations
