@@ -9,6 +9,8 @@ the process RSS above its level at the start of the call, sampled every 2 ms by 
 Caveats: PEFT's `ties` merges A and B separately (not the update), so it is cheap but not the same merge; its
 `ties_svd` and `dare_linear_svd` apply TIES / DARE to the dense updates like ours, then truncate with an SVD;
 PEFT's `svd` forms each dense update and takes its full SVD, which dominates the run time at d = 4096.
+`dense_floor` is the time and memory of only forming each dense update ΔW_i once: the least any exact TIES or DARE
+can cost, since they read every entry.
 RegMean's Gram matrices are shared by the tasks (same cost as distinct ones), Fisher diagonals are generated
 on access (their generation time is included).
 
@@ -175,6 +177,13 @@ def run_ours(adapters, method: str, stats, d: int, layers: int) -> None:
         del module
 
 
+def form_dense_updates(adapters) -> None:
+    """The floor of any merge that reads every entry of every ΔW_i (TIES, DARE, ...): just form each one."""
+    for name in adapters[0].modules:
+        for a in adapters:
+            a.modules[name].delta()  # formed, then dropped at once
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -211,7 +220,8 @@ def main() -> None:
                 adapters = random_adapters(d, layers, tasks, rank)
                 stats = shared_stats(adapters, d, layers)
                 row = {"d": d, "layers": layers, "modules": 2 * layers, "tasks": tasks, "rank": rank,
-                       "ours": {}, "peft": {}, "ratios": {}}
+                       "ours": {}, "peft": {}, "ratios": {},
+                       "dense_floor": measure(form_dense_updates, adapters)}
                 for method in args.methods:
                     row["ours"][method] = measure(run_ours, adapters, method, stats, d, layers)
                     print(f"d={d} T={tasks} r={rank} {method:16s} {row['ours'][method]}", flush=True)

@@ -13,8 +13,10 @@ from peft.utils import merge_utils
 
 from osrm_lora.adapters import LoraAdapter, LoraFactors
 from osrm_lora.merge import get_method, list_methods, merge_adapters, merge_sweep
+from osrm_lora.merge import ties as ties_module
 from osrm_lora.merge.dare import module_seed
 from osrm_lora.merge.emr import elect_unified, rescaler_sums, rescalers
+from osrm_lora.merge.ties import magnitude_threshold
 from osrm_lora.merge.types import ModuleInputs
 
 ATOL = 1e-4
@@ -58,6 +60,28 @@ def test_ties_matches_peft(density):
     for m in merge_adapters(adapters, "ties", density=density, weights=weights, scaling=lam):
         ref = merge_utils.ties(torch_deltas(adapters, m.name), torch.tensor(weights), density, "total")
         np.testing.assert_allclose(m.dense().numpy(), lam * ref.numpy(), atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_magnitude_threshold_is_the_kth_largest_magnitude(dtype):
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(5003, generator=g).to(dtype)
+    values[::7] = values[1]  # repeated magnitudes, some of them at the cut
+    values[::11] = -values[1]
+    values[5] = 0.0
+    for keep in (1, 2, 700, 2500, 5002, 5003):
+        expected = np.sort(np.abs(values.double().numpy()))[::-1][keep - 1]
+        assert float(magnitude_threshold(values, keep)) == expected
+
+
+def test_ties_row_blocks_match_peft(monkeypatch):
+    """Blocks of 2 rows (the last one partial) give the same merge as PEFT's ties on the whole dense updates."""
+    adapters = [random_adapter(f"task{i}", seed=20 + i, rank=3, shapes={"m": (13, 10)}) for i in range(3)]
+    monkeypatch.setattr(ties_module, "BLOCK_ELEMENTS", 2 * 3 * 10)
+    weights, lam = [1.0, -0.5, 2.0], 0.9
+    (m,) = merge_adapters(adapters, "ties", density=0.3, weights=weights, scaling=lam)
+    ref = merge_utils.ties(torch_deltas(adapters, "m"), torch.tensor(weights), 0.3, "total")
+    np.testing.assert_allclose(m.dense().numpy(), lam * ref.numpy(), atol=ATOL)
 
 
 def test_ties_default_density_is_the_papers():
