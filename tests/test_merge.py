@@ -13,7 +13,7 @@ from peft.utils import merge_utils
 
 from osrm_lora.adapters import LoraAdapter, LoraFactors
 from osrm_lora.merge import get_method, list_methods, merge_adapters, merge_sweep
-from osrm_lora.merge import ties as ties_module
+from osrm_lora.merge import types as merge_types
 from osrm_lora.merge.dare import module_seed
 from osrm_lora.merge.emr import elect_unified, rescaler_sums, rescalers
 from osrm_lora.merge.ties import magnitude_threshold
@@ -77,7 +77,7 @@ def test_magnitude_threshold_is_the_kth_largest_magnitude(dtype):
 def test_ties_row_blocks_match_peft(monkeypatch):
     """Blocks of 2 rows (the last one partial) give the same merge as PEFT's ties on the whole dense updates."""
     adapters = [random_adapter(f"task{i}", seed=20 + i, rank=3, shapes={"m": (13, 10)}) for i in range(3)]
-    monkeypatch.setattr(ties_module, "BLOCK_ELEMENTS", 2 * 3 * 10)
+    monkeypatch.setattr(merge_types, "BLOCK_ELEMENTS", 2 * 3 * 10)
     weights, lam = [1.0, -0.5, 2.0], 0.9
     (m,) = merge_adapters(adapters, "ties", density=0.3, weights=weights, scaling=lam)
     ref = merge_utils.ties(torch_deltas(adapters, "m"), torch.tensor(weights), 0.3, "total")
@@ -289,6 +289,23 @@ def test_emr_model_scope_rescalers_sum_over_modules():
     local = {m.name: m for m in merge_adapters(adapters, "emr", rescale_scope="module")}
     own = rescalers(rescaler_sums(stacks["b"], *elect_unified(stacks["b"])))
     assert local["b"].task_scales["t0"] == pytest.approx(float(own[0]))
+
+
+@pytest.mark.parametrize("scope", ["model", "module"])
+def test_emr_row_blocks_match_the_whole_updates(monkeypatch, scope):
+    """Blocks of 2 rows give the unified update, masks and rescalers of the whole stacked updates."""
+    shapes = {"m": (13, 10), "n": (7, 10)}
+    adapters = [random_adapter(f"task{i}", seed=30 + i, rank=3, shapes=shapes) for i in range(3)]
+    monkeypatch.setattr(merge_types, "BLOCK_ELEMENTS", 2 * 3 * 10)
+    stacks = {name: torch.from_numpy(np.stack(dense_deltas(adapters, name))).float() for name in shapes}
+    whole = {name: elect_unified(stack) for name, stack in stacks.items()}
+    sums = {name: rescaler_sums(stacks[name], *whole[name]) for name in shapes}
+    for m in merge_adapters(adapters, "emr", rescale_scope=scope):
+        unified, masks = whole[m.name]
+        torch.testing.assert_close(m.delta, unified, atol=ATOL, rtol=0)
+        assert all(torch.equal(m.task_masks[a.name], masks[i]) for i, a in enumerate(adapters))
+        expected = rescalers(sum(sums.values()) if scope == "model" else sums[m.name])
+        assert [m.task_scales[a.name] for a in adapters] == pytest.approx(expected.tolist(), rel=1e-5)
 
 
 def test_emr_needs_the_task():

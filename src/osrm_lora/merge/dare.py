@@ -8,6 +8,7 @@ and independent of the order in which modules are processed. The dropped updates
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -39,17 +40,29 @@ class DareParams(WeightedParams):
     seed: int = Field(0, description="Base seed; each module's masks use a generator seeded by (seed, module).")
 
 
+def dropped_deltas(inputs: ModuleInputs, params: DareParams) -> Iterator[torch.Tensor]:
+    """Each task's dense update after drop-and-rescale, one at a time; every call draws the same masks."""
+    generator = torch.Generator(device=inputs.factors[0].B.device).manual_seed(module_seed(params.seed, inputs.name))
+    for task in range(len(inputs.factors)):
+        yield drop_and_rescale_(inputs.delta(task), params.drop_rate, generator)
+
+
+def weighted_sum(values_by_task: Iterable[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ w_i values_i, reading (and overwriting) one task's tensor at a time."""
+    total = None
+    for values, w in zip(values_by_task, weights):
+        total = values.mul_(w) if total is None else total.add_(values, alpha=w)
+    return total
+
+
 @register("dare", DareParams, "DARE (Yu et al. 2024): random drop p, rescale 1/(1-p), then linear or TIES, ×λ.")
 def dare(inputs: ModuleInputs, params: DareParams) -> MergedModule:
+    """Streams the tasks, one dense update at a time; TIES reads them twice (the sum elects the sign, then the
+    disjoint mean), drawing the same masks both times."""
     weights = resolve_weights(params.weights, len(inputs.factors))
-    stacked = inputs.stacked_deltas()
-    generator = torch.Generator(device=stacked.device).manual_seed(module_seed(params.seed, inputs.name))
-    for values in stacked:
-        drop_and_rescale_(values, params.drop_rate, generator)
     if params.combine == "ties":
-        merged = disjoint_mean(stacked, weights, elect_sign(stacked))
+        sign = elect_sign(weighted_sum(dropped_deltas(inputs, params), [1.0] * len(weights)))
+        merged = disjoint_mean(dropped_deltas(inputs, params), weights, sign)
     else:
-        merged = torch.zeros_like(stacked[0])
-        for values, w in zip(stacked, weights):
-            merged.add_(values, alpha=w)
+        merged = weighted_sum(dropped_deltas(inputs, params), weights)
     return MergedModule(inputs.name, delta=params.scaling * merged)

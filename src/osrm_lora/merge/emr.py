@@ -53,9 +53,7 @@ class EmrParams(MethodParams):
 
 
 def emr_totals(inputs: ModuleInputs, params: EmrParams) -> torch.Tensor:
-    stacked = inputs.stacked_deltas()
-    unified, masks = elect_unified(stacked)
-    return rescaler_sums(stacked, unified, masks)
+    return sum(rescaler_sums(stacked, *elect_unified(stacked)) for _, stacked in inputs.delta_blocks())
 
 
 @register(
@@ -63,9 +61,16 @@ def emr_totals(inputs: ModuleInputs, params: EmrParams) -> torch.Tensor:
     "at inference.", totals=emr_totals,
 )
 def emr(inputs: ModuleInputs, params: EmrParams) -> MergedModule:
-    stacked = inputs.stacked_deltas()
-    unified, masks = elect_unified(stacked)
-    sums = inputs.totals if inputs.totals is not None else rescaler_sums(stacked, unified, masks)
+    """Elects, masks and sums entry by entry, so it runs a block of rows of the dense updates at a time."""
+    unified = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.factors[0].B.device)
+    masks = torch.empty((len(inputs.factors), *inputs.shape), dtype=torch.bool, device=unified.device)
+    sums = inputs.totals
+    if sums is None:
+        sums = torch.zeros(len(inputs.factors), 2, dtype=torch.float64, device=unified.device)
+    for rows, stacked in inputs.delta_blocks():
+        unified[rows], masks[:, rows] = elect_unified(stacked)
+        if inputs.totals is None:
+            sums += rescaler_sums(stacked, unified[rows], masks[:, rows])
     scales = rescalers(sums).tolist()
     return MergedModule(
         inputs.name, delta=unified,

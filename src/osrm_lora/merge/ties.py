@@ -8,19 +8,19 @@ here (the paper trims the whole flattened task vector), which is what lets the e
 
 TIES needs every entry of every dense update ΔW_i, so it cannot work on the factors alone. It forms them a block
 of rows at a time: one pass per task finds its trim threshold, a second pass trims, elects and averages each row
-block for all tasks at once. Peak memory is about three dense out×in matrices, whatever the number of tasks.
+block for all tasks at once. Peak memory is a few dense out×in matrices, whatever the number of tasks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from pydantic import Field
 
-from ..adapters import LoraFactors
 from .registry import WeightedParams, register
 from .types import MergedModule, ModuleInputs, resolve_weights
 
-BLOCK_ELEMENTS = 1 << 22  # entries in one T×rows×in block of the second pass (16 MB in float32)
 # Non-negative IEEE floats sort like their bit patterns read as integers; the top 16 bits make the histogram.
 _BITS = {torch.float32: (torch.int32, 16), torch.float64: (torch.int64, 48)}
 
@@ -59,20 +59,21 @@ def trim_by_magnitude_(tensor: torch.Tensor, density: float) -> torch.Tensor:
     return tensor if threshold is None else tensor.mul_(tensor.abs() >= threshold)
 
 
-def elect_sign(stacked: torch.Tensor) -> torch.Tensor:
-    """Per entry, +1 or -1: the sign of the sum over tasks (dim 0); a zero sum elects +1."""
-    return torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
+def elect_sign(total: torch.Tensor) -> torch.Tensor:
+    """Per entry, +1 or -1: the sign of the sum over tasks `total`; a zero sum elects +1."""
+    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
 
 
-def disjoint_mean(stacked: torch.Tensor, weights: list[float], sign: torch.Tensor) -> torch.Tensor:
+def disjoint_mean(values_by_task: Iterable[torch.Tensor], weights: list[float], sign: torch.Tensor) -> torch.Tensor:
     """Mean over tasks of the weighted values whose sign equals the elected one (zeros never count).
 
-    A value agrees when value·sign > 0, and then equals sign·|value|, so the sum is sign·Σ w·max(value·sign, 0);
-    accumulated task by task, the temporaries are the size of one task's tensor, not of the stack."""
-    total = torch.zeros_like(stacked[0])
-    count = torch.zeros_like(stacked[0])
-    agreeing = torch.empty_like(stacked[0])
-    for values, w in zip(stacked, weights):
+    A value agrees when value·sign > 0, and then equals sign·|value|, so the sum is sign·Σ w·max(value·sign, 0).
+    Tasks are read one at a time (a stack, or a generator that forms each one), so the temporaries are the size
+    of one task's tensor."""
+    total = torch.zeros_like(sign)
+    count = torch.zeros_like(sign)
+    agreeing = torch.empty_like(sign)
+    for values, w in zip(values_by_task, weights):
         torch.mul(values, sign, out=agreeing).clamp_(min=0)
         count.add_(agreeing > 0)
         total.add_(agreeing, alpha=w)
@@ -83,38 +84,22 @@ def sign_consensus_merge(stacked: torch.Tensor, weights: list[float], density: f
     """TIES combination of task tensors stacked on dim 0 (trimmed in place): trim, elect signs, disjoint mean."""
     for values in stacked:
         trim_by_magnitude_(values, density)
-    return disjoint_mean(stacked, weights, elect_sign(stacked))
+    return disjoint_mean(stacked, weights, elect_sign(stacked.sum(dim=0)))
 
 
-def _delta_rows_(out: torch.Tensor, factors: LoraFactors, rows: slice) -> torch.Tensor:
-    """out ← rows of s·B A. Both passes of `ties_from_factors` form entries through this one call on the same
-    row blocks, so the values compared with a threshold are bit for bit those it was computed from."""
-    return torch.matmul(factors.B[rows], factors.A, out=out).mul_(factors.scale)
+def ties_blocked(inputs: ModuleInputs, weights: list[float], density: float) -> torch.Tensor:
+    """TIES of the dense updates, formed a block of rows at a time (the same result as stacking them all).
 
-
-def ties_from_factors(factors: list[LoraFactors], weights: list[float], density: float) -> torch.Tensor:
-    """TIES of the dense updates s_i B_i A_i, built a block of rows at a time (same result as stacking them all)."""
-    out_features, in_features = int(factors[0].B.shape[0]), int(factors[0].A.shape[1])
-    block_rows = max(1, BLOCK_ELEMENTS // (len(factors) * in_features))
-    row_blocks = [slice(start, min(start + block_rows, out_features)) for start in range(0, out_features, block_rows)]
-    device = factors[0].B.device
-    merged = torch.empty(out_features, in_features, device=device)
-    thresholds: list[torch.Tensor | None] = [None] * len(factors)
-    if density < 1.0:
-        for i, f in enumerate(factors):
-            delta = torch.empty_like(merged)
-            for rows in row_blocks:
-                _delta_rows_(delta[rows], f, rows)
-            thresholds[i] = trim_threshold(delta, density)
-            del delta
-    block = torch.empty(len(factors), block_rows, in_features, device=device)
-    for rows in row_blocks:
-        stacked = block[:, : rows.stop - rows.start]
-        for values, f, threshold in zip(stacked, factors, thresholds):
-            _delta_rows_(values, f, rows)
+    Each task's threshold comes from its whole update (formed once, then dropped); the merge pass forms the
+    updates again by the same row blocks, so the entries compared with a threshold are the ones it came from."""
+    thresholds = [trim_threshold(inputs.delta(i), density) if density < 1.0 else None
+                  for i in range(len(inputs.factors))]
+    merged = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.factors[0].B.device)
+    for rows, stacked in inputs.delta_blocks():
+        for values, threshold in zip(stacked, thresholds):
             if threshold is not None:
                 values.mul_(values.abs() >= threshold)
-        merged[rows] = disjoint_mean(stacked, weights, elect_sign(stacked))
+        merged[rows] = disjoint_mean(stacked, weights, elect_sign(stacked.sum(dim=0)))
     return merged
 
 
@@ -125,5 +110,5 @@ class TiesParams(WeightedParams):
 @register("ties", TiesParams, "TIES (Yadav et al. 2023): trim to top-k magnitude, elect sign, disjoint mean, ×λ.")
 def ties(inputs: ModuleInputs, params: TiesParams) -> MergedModule:
     weights = resolve_weights(params.weights, len(inputs.factors))
-    merged = ties_from_factors(inputs.factors, weights, params.density)
+    merged = ties_blocked(inputs, weights, params.density)
     return MergedModule(inputs.name, delta=params.scaling * merged)

@@ -7,11 +7,19 @@ exact low-rank factorisation, as a dense matrix, or (EMR) as a unified update wi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..adapters import LoraFactors
+
+BLOCK_ELEMENTS = 1 << 22  # entries of one T×rows×in block of dense updates (16 MB in float32)
+
+
+def _delta_rows_(out: torch.Tensor, factors: LoraFactors, rows: slice) -> torch.Tensor:
+    """out ← rows of s·B A; every blocked dense update goes through this one call."""
+    return torch.matmul(factors.B[rows], factors.A, out=out).mul_(factors.scale)
 
 
 @dataclass
@@ -38,6 +46,31 @@ class ModuleInputs:
             torch.matmul(f.B, f.A, out=out[i])
             out[i].mul_(f.scale)
         return out
+
+    def row_blocks(self) -> list[slice]:
+        """Row ranges such that one T×rows×in block of dense updates holds about BLOCK_ELEMENTS entries."""
+        out_features, in_features = self.shape
+        rows = max(1, BLOCK_ELEMENTS // (len(self.factors) * in_features))
+        return [slice(start, min(start + rows, out_features)) for start in range(0, out_features, rows)]
+
+    def delta(self, task: int) -> torch.Tensor:
+        """Task `task`'s dense update, formed by the same row blocks as `delta_blocks` (so bit for bit equal)."""
+        out = torch.empty(self.shape, dtype=torch.float32, device=self.factors[0].B.device)
+        for rows in self.row_blocks():
+            _delta_rows_(out[rows], self.factors[task], rows)
+        return out
+
+    def delta_blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(rows, T×rows×in dense updates of all tasks) block by block, for methods that work entry by entry:
+        peak memory is one block, not T dense updates. The block's buffer is reused by the next step."""
+        blocks = self.row_blocks()
+        buffer = torch.empty(len(self.factors), blocks[0].stop, self.shape[1], dtype=torch.float32,
+                             device=self.factors[0].B.device)
+        for rows in blocks:
+            stacked = buffer[:, : rows.stop - rows.start]
+            for values, f in zip(stacked, self.factors):
+                _delta_rows_(values, f, rows)
+            yield rows, stacked
 
     def extra(self, key: str) -> list[torch.Tensor]:
         try:
