@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -48,6 +49,24 @@ def gaps(table) -> dict:
     return out
 
 
+def one_seed(results: dict, seed: int) -> dict:
+    """The results of one seed only, in the same layout."""
+    return {**results, "seeds": [seed],
+            **{key: [r for r in results[key] if r["seed"] == seed] for key in ("individual", "merged")}}
+
+
+def per_seed_lines(per_seed: dict[int, dict], title: str) -> list[str]:
+    """A markdown table of each seed's OSRM − gaussian average gap, with their mean and sample s.d."""
+    seeds = sorted(per_seed)
+    lines = [f"## {title}\n", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | s.d. |",
+             "|---|" + "---:|" * (len(seeds) + 2)]
+    for method in per_seed[seeds[0]]:
+        values = [per_seed[s][method]["average"] for s in seeds]
+        lines.append(f"| {method} | " + " | ".join(f"{v:+.2f}" for v in values)
+                     + f" | {statistics.fmean(values):+.2f} | {statistics.stdev(values):.2f} |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dir", nargs="?", default="runs/glue_minilm")
@@ -59,6 +78,10 @@ def main() -> None:
     best, fixed = best_lambda_table(results), fixed_lambda_table(results)
     summary = {"machine": machine(), "experiment": experiment, "compute_minutes": stage_minutes(run_dir),
                "gap_best_lambda": gaps(best), "gap_fixed_lambda": gaps(fixed), "results": results}
+    seeds = results["seeds"]
+    if len(seeds) > 1:
+        summary["gap_best_lambda_per_seed"] = {s: gaps(best_lambda_table(one_seed(results, s))) for s in seeds}
+        summary["gap_fixed_lambda_per_seed"] = {s: gaps(fixed_lambda_table(one_seed(results, s))) for s in seeds}
     write_json(out.with_suffix(".json"), summary)
     write_report(results, out)
     lines = [f"# {results['experiment']} ({results['model']}): gaussian vs OSRM init\n",
@@ -71,7 +94,11 @@ def main() -> None:
         f = summary["gap_fixed_lambda"].get(method, {})
         lines.append(f"| {method} | {g['average']:+.2f} | {g['normalised_average']:+.2f} | "
                      f"{f.get('average', float('nan')):+.2f} | {f.get('normalised_average', float('nan')):+.2f} |")
-    lines += ["", f"## {best.title}\n", table_markdown(best), f"## {fixed.title}\n", table_markdown(fixed),
+    lines.append("")
+    if len(seeds) > 1:
+        lines += per_seed_lines(summary["gap_best_lambda_per_seed"], "OSRM − gaussian per seed, best λ of each seed")
+        lines += per_seed_lines(summary["gap_fixed_lambda_per_seed"], "OSRM − gaussian per seed, fixed λ")
+    lines += [f"## {best.title}\n", table_markdown(best), f"## {fixed.title}\n", table_markdown(fixed),
               f"Plots: `{out.name}/plots/`.\n"]
     write_text(out.with_suffix(".md"), "\n".join(lines))
     print("\n".join(lines))
