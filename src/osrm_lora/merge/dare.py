@@ -42,7 +42,7 @@ class DareParams(WeightedParams):
 
 def dropped_deltas(inputs: ModuleInputs, params: DareParams) -> Iterator[torch.Tensor]:
     """Each task's dense update after drop-and-rescale, one at a time; every call draws the same masks."""
-    generator = torch.Generator(device=inputs.factors[0].B.device).manual_seed(module_seed(params.seed, inputs.name))
+    generator = torch.Generator(device=inputs.device).manual_seed(module_seed(params.seed, inputs.name))
     for task in range(len(inputs.factors)):
         yield drop_and_rescale_(inputs.delta(task), params.drop_rate, generator)
 

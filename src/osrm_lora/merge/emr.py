@@ -62,14 +62,14 @@ def emr_totals(inputs: ModuleInputs, params: EmrParams) -> torch.Tensor:
 )
 def emr(inputs: ModuleInputs, params: EmrParams) -> MergedModule:
     """Elects, masks and sums entry by entry, so it runs a block of rows of the dense updates at a time."""
-    unified = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.factors[0].B.device)
-    masks = torch.empty((len(inputs.factors), *inputs.shape), dtype=torch.bool, device=unified.device)
-    sums = inputs.totals
-    if sums is None:
-        sums = torch.zeros(len(inputs.factors), 2, dtype=torch.float64, device=unified.device)
+    unified = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.device)
+    masks = torch.empty((len(inputs.factors), *inputs.shape), dtype=torch.bool, device=inputs.device)
+    per_module = inputs.totals is None  # otherwise the engine summed them over the whole model (emr_totals)
+    sums = inputs.totals if not per_module else torch.zeros(len(inputs.factors), 2, dtype=torch.float64,
+                                                             device=inputs.device)
     for rows, stacked in inputs.delta_blocks():
         unified[rows], masks[:, rows] = elect_unified(stacked)
-        if inputs.totals is None:
+        if per_module:
             sums += rescaler_sums(stacked, unified[rows], masks[:, rows])
     scales = rescalers(sums).tolist()
     return MergedModule(

@@ -94,7 +94,7 @@ def ties_blocked(inputs: ModuleInputs, weights: list[float], density: float) -> 
     updates again by the same row blocks, so the entries compared with a threshold are the ones it came from."""
     thresholds = [trim_threshold(inputs.delta(i), density) if density < 1.0 else None
                   for i in range(len(inputs.factors))]
-    merged = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.factors[0].B.device)
+    merged = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.device)
     for rows, stacked in inputs.delta_blocks():
         for values, threshold in zip(stacked, thresholds):
             if threshold is not None:

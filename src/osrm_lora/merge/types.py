@@ -37,15 +37,9 @@ class ModuleInputs:
         f = self.factors[0]
         return int(f.B.shape[0]), int(f.A.shape[1])
 
-    def stacked_deltas(self) -> torch.Tensor:
-        """Dense per-task updates ΔW_i = s_i B_i A_i as one T×out×in tensor, built on demand by the methods
-        that need them and written in place (no second copy of all tasks)."""
-        f0 = self.factors[0]
-        out = torch.empty((len(self.factors), *self.shape), dtype=torch.float32, device=f0.B.device)
-        for i, f in enumerate(self.factors):
-            torch.matmul(f.B, f.A, out=out[i])
-            out[i].mul_(f.scale)
-        return out
+    @property
+    def device(self) -> torch.device:
+        return self.factors[0].B.device
 
     def row_blocks(self) -> list[slice]:
         """Row ranges such that one T×rows×in block of dense updates holds about BLOCK_ELEMENTS entries."""
@@ -55,7 +49,7 @@ class ModuleInputs:
 
     def delta(self, task: int) -> torch.Tensor:
         """Task `task`'s dense update, formed by the same row blocks as `delta_blocks` (so bit for bit equal)."""
-        out = torch.empty(self.shape, dtype=torch.float32, device=self.factors[0].B.device)
+        out = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         for rows in self.row_blocks():
             _delta_rows_(out[rows], self.factors[task], rows)
         return out
@@ -64,8 +58,7 @@ class ModuleInputs:
         """(rows, T×rows×in dense updates of all tasks) block by block, for methods that work entry by entry:
         peak memory is one block, not T dense updates. The block's buffer is reused by the next step."""
         blocks = self.row_blocks()
-        buffer = torch.empty(len(self.factors), blocks[0].stop, self.shape[1], dtype=torch.float32,
-                             device=self.factors[0].B.device)
+        buffer = torch.empty(len(self.factors), blocks[0].stop, self.shape[1], dtype=torch.float32, device=self.device)
         for rows in blocks:
             stacked = buffer[:, : rows.stop - rows.start]
             for values, f in zip(stacked, self.factors):
