@@ -69,3 +69,27 @@ def partition_indices(
         for i, piece in enumerate(np.split(shuffled, np.cumsum(sizes)[:-1])):
             parts[i].append(piece)
     return [np.sort(np.concatenate(p)) if p else np.arange(0) for p in parts]
+
+
+def select_report_indices(
+    labels: Sequence | None, n_rows: int, seed: int, select: int = 200, report_max: int | None = None,
+    salt: str = "",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint seeded parts of one task's evaluation rows: `select` rows to choose λ on, and `report`
+    (the rest, at most `report_max`) to report at that λ; both stratified by class and ascending.
+
+    The generator is made here from (seed, salt) so the parts depend on nothing drawn before; give the task
+    name as `salt` for independent splits per task.
+    """
+    if select < 1:
+        raise ValueError(f"select must be positive, got {select}")
+    if n_rows <= select:
+        raise ValueError(f"cannot hold out {select} of {n_rows} examples for selecting λ and report on the rest")
+    if report_max is not None and report_max < 1:
+        raise ValueError(f"report_max must be positive, got {report_max}")
+    rng = make_rng(seed, f"select-report/{salt}")
+    chosen = sample_indices(labels, n_rows, select, rng)
+    rest = np.setdiff1d(np.arange(n_rows), chosen, assume_unique=True)
+    limit = len(rest) if report_max is None else report_max
+    rest_labels = None if labels is None else np.asarray(labels)[rest]
+    return chosen, rest[sample_indices(rest_labels, len(rest), limit, rng)]
