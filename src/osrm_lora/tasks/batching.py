@@ -1,14 +1,17 @@
 """Tokenisation and batches with dynamic padding.
 
 Each batch is padded only to its own longest example, and carries the attention mask, so statistics count
-real tokens only and no compute is spent on a global maximum length.
+real tokens only and no compute is spent on a global maximum length. With `by_length`, evaluation and
+statistics batches take the rows longest first, so each batch holds rows of similar length and little
+padding is computed; `restore_order` puts per-row outputs back in the dataset's order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import datasets
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -88,6 +91,33 @@ class SeededShuffle(Sampler[int]):
         return self.n
 
 
+class LengthSorted(Sampler[int]):
+    """Rows longest first (ties in row order); `order[k]` is the row at position k of the pass."""
+
+    def __init__(self, lengths: Sequence[int]):
+        self.order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order.tolist())
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def restore_order(values: Sequence, batches: Iterable) -> list:
+    """Per-row outputs of one pass over `batches` in the dataset's row order (unchanged unless the batches
+    come from a `by_length` dataloader)."""
+    sampler = getattr(batches, "sampler", None)
+    if not isinstance(sampler, LengthSorted):
+        return list(values)
+    if len(values) != len(sampler):
+        raise ValueError(f"{len(values)} outputs for a pass over {len(sampler)} rows")
+    out = [None] * len(values)
+    for value, row in zip(values, sampler.order.tolist()):
+        out[row] = value
+    return out
+
+
 class _Rows(torch.utils.data.Dataset):
     """Column lists read once from the Arrow table: indexing Python lists is far cheaper per row."""
 
@@ -110,13 +140,17 @@ def make_dataloader(
     max_length: int = 128,
     shuffle: bool = False,
     seed: int = 0,
+    by_length: bool = False,
 ) -> DataLoader:
     """Batches of `input_ids`, `attention_mask`, (`token_type_ids`), `labels`, dynamically padded.
 
-    `dataset` may be a task split (it is tokenised here) or the output of `tokenize`.
+    `dataset` may be a task split (it is tokenised here) or the output of `tokenize`. `by_length` sorts the
+    rows longest first (less padding; for passes whose outputs are put back with `restore_order` or summed).
     """
     if batch_size < 1:
         raise TaskError(f"task {spec.name!r}: batch_size must be positive, got {batch_size}")
+    if shuffle and by_length:
+        raise TaskError(f"task {spec.name!r}: batches are either shuffled or sorted by length, not both")
     if "input_ids" not in dataset.column_names:
         dataset = tokenize(dataset, tokenizer, spec, max_length)
     if len(dataset) == 0:
@@ -125,5 +159,7 @@ def make_dataloader(
     columns = {k: rows[k] for k in (*TOKEN_COLUMNS, "labels") if k in rows}
     collate = Collator(pad_id_of(tokenizer), getattr(tokenizer, "padding_side", "right") == "left", spec.is_regression)
     sampler = SeededShuffle(len(dataset), seed) if shuffle else None
+    if by_length:
+        sampler = LengthSorted([len(ids) for ids in columns["input_ids"]])
     return DataLoader(_Rows(columns), batch_size=batch_size, sampler=sampler, collate_fn=collate)
 
