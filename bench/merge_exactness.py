@@ -16,10 +16,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from merge_speed import machine, module_names, peft_model, random_adapters
+from common import RESULTS, write_results
+from merge_speed import module_names, peft_model, random_adapters
 from peft.utils import merge_utils
 
-from osrm_lora.io import write_json
 from osrm_lora.merge import merge_adapters
 
 DENSITY = 0.2
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "merge_exactness.json")
+    parser.add_argument("--output", type=Path, default=RESULTS / "merge_exactness.json")
     args = parser.parse_args()
 
     adapters = random_adapters(args.dim, args.layers, args.tasks, args.rank)
@@ -78,9 +78,8 @@ def main() -> None:
     for side, by_method in errors.items():
         for name, error in by_method.items():
             print(f"{side:5s} {name:16s} max relative error {error:.2e}")
-    write_json(args.output, {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-                             "density": DENSITY, "reference": PEFT_TO_REFERENCE, "max_relative_error": errors})
-    print(f"wrote {args.output}")
+    write_results(args.output, {"density": DENSITY, "reference": PEFT_TO_REFERENCE, "max_relative_error": errors},
+                  vars(args))
 
 
 if __name__ == "__main__":

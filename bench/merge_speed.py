@@ -27,17 +27,16 @@ import argparse
 import ctypes
 import gc
 import os
-import platform
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from common import RESULTS, timed, write_results
 from torch import nn
 
 from osrm_lora.adapters import LoraAdapter, LoraFactors
-from osrm_lora.io import write_json
 from osrm_lora.merge import list_methods, merge_adapters
 from osrm_lora.stats import TaskStats
 
@@ -73,9 +72,7 @@ def measure(fn, *args, **kwargs) -> dict[str, float]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    t0 = time.perf_counter()
-    fn(*args, **kwargs)
-    seconds = time.perf_counter() - t0
+    seconds, _ = timed(lambda: fn(*args, **kwargs))
     done.set()
     sampler.join()
     peak[0] = max(peak[0], rss_bytes())
@@ -184,19 +181,6 @@ def form_dense_updates(adapters) -> None:
             a.modules[name].delta()  # formed, then dropped at once
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int, nargs="+", default=[2048, 4096])
@@ -207,7 +191,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=[m["name"] for m in list_methods()])
     parser.add_argument("--peft", nargs="+", default=["ties", "svd", "cat"], choices=list(PEFT_ARGS))
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "merge_speed.json")
+    parser.add_argument("--output", type=Path, default=RESULTS / "merge_speed.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,9 +223,7 @@ def main() -> None:
                         ctype: round(ours["seconds"] / peft["seconds"], 3) for ctype, peft in row["peft"].items()
                     }
                 results.append(row)
-    write_json(args.output, {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-                             "results": results})
-    print(f"wrote {args.output}")
+    write_results(args.output, {"results": results}, vars(args))
 
 
 if __name__ == "__main__":

@@ -8,22 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 from pathlib import Path
 
-import torch
+from common import machine
 
 from osrm_lora.io import write_json, write_text
 from osrm_lora.report import best_lambda_table, fixed_lambda_table, table_markdown, write_report
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "device": "cpu"}
 
 
 def stage_minutes(run_dir: Path) -> dict[str, float]:
