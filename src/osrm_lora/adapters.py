@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from peft.utils.other import get_pattern_key
 
+from .errors import AdapterError
 from .io import OsrmFileError, load_tensors, save_tensors, write_json
 from .modules import PEFT_PREFIX
 
@@ -136,18 +137,18 @@ def check_compatible(adapters: list[LoraAdapter]) -> None:
     for other in adapters[1:]:
         missing = set(ref.modules) ^ set(other.modules)
         if missing:
-            raise ValueError(
+            raise AdapterError(
                 f"adapters {ref.name!r} and {other.name!r} target different modules: {sorted(missing)[:5]}"
             )
         if ref.base_model and other.base_model and ref.base_model != other.base_model:
-            raise ValueError(
+            raise AdapterError(
                 f"adapter {other.name!r} is on base model {other.base_model!r}, but {ref.name!r} is on "
                 f"{ref.base_model!r}"
             )
         for m, f in ref.modules.items():
             g = other.modules[m]
             if (f.A.shape[1], f.B.shape[0]) != (g.A.shape[1], g.B.shape[0]):
-                raise ValueError(
+                raise AdapterError(
                     f"adapter {other.name!r}, module {m}: shape out×in {g.B.shape[0]}×{g.A.shape[1]} differs "
                     f"from {ref.name!r}'s {f.B.shape[0]}×{f.A.shape[1]}"
                 )

@@ -13,11 +13,13 @@ from collections.abc import Mapping
 
 import torch
 
+from .errors import AdapterError, EvaluationError
+
 
 def average(scores: Mapping[str, float]) -> float:
     """Unweighted mean over tasks."""
     if not scores:
-        raise ValueError("cannot average an empty set of task scores")
+        raise EvaluationError("cannot average an empty set of task scores")
     return statistics.fmean(float(v) for v in scores.values())
 
 
@@ -26,7 +28,7 @@ def normalised_scores(merged: Mapping[str, float], individual: Mapping[str, floa
     or below chance gives a ratio with no meaning)."""
     missing = sorted(set(merged) - set(individual))
     if missing:
-        raise ValueError(f"no individual fine-tuned score for tasks {missing} to normalise by")
+        raise EvaluationError(f"no individual fine-tuned score for tasks {missing} to normalise by")
     return {
         t: (float(s) / float(individual[t]) if individual[t] > 0 else math.nan) for t, s in merged.items()
     }
@@ -98,7 +100,7 @@ def evaluate_task(
     spec = task.spec
     dataset = task.split(split, max_examples=max_examples, seed=seed)
     if len(dataset) == 0:
-        raise ValueError(f"task {spec.name!r}: split {split!r} has no examples to evaluate on")
+        raise EvaluationError(f"task {spec.name!r}: split {split!r} has no examples to evaluate on")
     batches = make_dataloader(
         dataset, tokenizer, spec, batch_size=batch_size, max_length=max_length, shuffle=False
     )
@@ -165,18 +167,18 @@ class EvaluationModel:
         self.restore()
         unknown = sorted(k for k in head if k not in self._params)
         if unknown:
-            raise ValueError(f"{source}: head tensors {unknown[:3]} are not parameters of {self.name!r}")
+            raise AdapterError(f"{source}: head tensors {unknown[:3]} are not parameters of {self.name!r}")
         with torch.no_grad():
             for module, delta in deltas.items():
                 layer = self._modules.get(module)
                 layer = getattr(layer, "base_layer", layer)
                 if layer is None or not is_linear(layer):
-                    raise ValueError(
+                    raise AdapterError(
                         f"{source}: module {module} is not a linear layer of model {self.name!r}"
                     )
                 weight = weight_out_in(layer)
                 if tuple(weight.shape) != tuple(delta.shape):
-                    raise ValueError(
+                    raise AdapterError(
                         f"{source}: module {module}: update is {tuple(delta.shape)} but the model weight is "
                         f"{tuple(weight.shape)} (out×in)"
                     )

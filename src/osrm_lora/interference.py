@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .adapters import LoraAdapter, LoraFactors, check_compatible
+from .errors import StatsError
 from .stats import TaskStats
 from .subspace import shared_input_groups
 
@@ -51,7 +52,7 @@ def interference_matrix(
     tasks = list(adapters)
     missing = [t for t in tasks if t not in stats]
     if missing:
-        raise ValueError(f"no statistics for tasks {missing} (have {sorted(stats)})")
+        raise StatsError(f"no statistics for tasks {missing} (have {sorted(stats)})")
     check_compatible([adapters[t] for t in tasks])
     modules = sorted(adapters[tasks[0]].modules)
     pool = [stats[t] for t in tasks]
@@ -65,7 +66,7 @@ def interference_matrix(
         for i, s in enumerate(pool):
             moment = s.moment(group[0])  # one float64 d×d at a time, shared by the group's modules
             if not torch.isfinite(moment).all():
-                raise ValueError(f"statistics of task {tasks[i]!r}, module {group[0]}: NaN/Inf entries")
+                raise StatsError(f"statistics of task {tasks[i]!r}, module {group[0]}: NaN/Inf entries")
             for m in group:
                 for j, t in enumerate(tasks):
                     per_energy[m][i, j] = output_energy(adapters[t].modules[m], moment)

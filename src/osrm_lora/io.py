@@ -20,8 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import OsrmLoraError
 
-class OsrmFileError(ValueError):
+
+class OsrmFileError(OsrmLoraError):
     """A file that cannot be used: missing, truncated, foreign or mismatched. The message names the file."""
 
 

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .errors import ModelError
+
 PEFT_PREFIX = "base_model.model."
 
 # Attention query/value projections per architecture: the paper's default targets.
@@ -40,7 +42,7 @@ def default_target_modules(model_type: str) -> list[str]:
         return list(DEFAULT_TARGETS[model_type])
     except KeyError:
         known = ", ".join(sorted(DEFAULT_TARGETS))
-        raise ValueError(
+        raise ModelError(
             f"no default target modules for model type {model_type!r}; pass target_modules explicitly "
             f"(known types: {known})"
         ) from None
@@ -72,7 +74,7 @@ def find_target_modules(model: nn.Module, targets: str | Sequence[str]) -> dict[
         if is_linear(layer):
             found[base_name(name)] = layer
     if not found:
-        raise ValueError(f"no linear module of {type(model).__name__} matches target_modules={targets!r}")
+        raise ModelError(f"no linear module of {type(model).__name__} matches target_modules={targets!r}")
     return found
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import OsrmLoraError
 from .evaluate import average, normalised_average, normalised_scores
 from .io import atomic_path, write_json, write_text
 
@@ -28,7 +29,7 @@ RESULTS_FORMAT = "osrm-lora/results/1"
 INDIVIDUAL = "individual"
 
 
-class ResultsError(ValueError):
+class ResultsError(OsrmLoraError):
     """A results dict or file that the report cannot use; the message says which field is wrong."""
 
 

@@ -23,13 +23,14 @@ import torch.distributed as dist
 from rich.progress import track
 
 from . import __version__
+from .errors import StatsError
 from .io import OsrmFileError, fingerprint, load_tensors, save_tensors
 from .modules import find_target_modules, in_out_features
 
 FORMAT = "osrm-lora/task-stats/1"
 
 
-class StatsMismatchError(ValueError):
+class StatsMismatchError(StatsError):
     """Statistics that do not belong to the model, modules or task they are used with."""
 
 
@@ -291,7 +292,7 @@ class _InputSums:
         self._fired.append(name)
         d = self.dims[name]
         if inputs.shape[-1] != d or inputs.shape[:-1].numel() != self._positions:
-            raise ValueError(
+            raise StatsError(
                 f"{where}: input of shape {tuple(inputs.shape)} is not one {d}-vector per token of the batch "
                 f"({self._positions} positions); statistics need per-token inputs"
             )
@@ -400,7 +401,7 @@ def _agree_on_groups(sums: _InputSums) -> None:
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     largest, smallest = both[: len(names)].cpu(), -both[len(names) :].cpu()
     if int(largest.min()) == 0:
-        raise ValueError(f"task {sums.task!r}: no batches on any of the {dist.get_world_size()} ranks")
+        raise StatsError(f"task {sums.task!r}: no batches on any of the {dist.get_world_size()} ranks")
     if not torch.equal(largest, smallest):
         odd = [m for m, a, b in zip(names, largest, smallest) if a != b]
         raise RuntimeError(f"task {sums.task!r}: ranks disagree on which modules share an input ({odd[:5]})")
@@ -495,7 +496,7 @@ def collect_stats(
     if dist.is_available() and dist.is_initialized():
         _all_reduce(sums)
     elif not sums.groups:
-        raise ValueError(f"task {task!r}: no batches to collect statistics from")
+        raise StatsError(f"task {task!r}: no batches to collect statistics from")
     second = {m: sums.groups[g].second for m, g in sums.group_of.items()}
     first = {m: sums.groups[g].first for m, g in sums.group_of.items()}
     return TaskStats(

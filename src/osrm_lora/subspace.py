@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .errors import StatsError, SubspaceError
 from .io import OsrmFileError, load_tensors, save_tensors
 from .stats import TaskStats
 
@@ -43,7 +44,7 @@ KAIMING_ROW_NORM = math.sqrt(2.0 / (1.0 + 5.0))
 _BATCH_BYTES = 1 << 30
 
 
-class SubspaceMismatchError(ValueError):
+class SubspaceMismatchError(SubspaceError):
     """A subspace used with a model or adapter whose modules, ranks or dims it does not cover."""
 
 
@@ -154,7 +155,7 @@ def others_moments(terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
     subtraction's cancellation far below the eigenvalue gaps that matter.
     """
     if len(terms) < 2:
-        raise ValueError(f"leave-one-out needs at least 2 tasks, got {len(terms)}")
+        raise SubspaceError(f"leave-one-out needs at least 2 tasks, got {len(terms)}")
     total, weight = _running_sum(terms), _running_sum(weights)
     for term, w in zip(terms, weights):
         yield (total - term) / (weight - w)[..., None, None]
@@ -217,7 +218,7 @@ def task_weights(weighting: str, tokens: int, traces: torch.Tensor) -> torch.Ten
         return torch.full_like(traces, float(tokens))
     if weighting == "trace":
         return 1.0 / traces
-    raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    raise SubspaceError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,14 +237,14 @@ def _resolve_ranks(ref: TaskStats, rank: int | Mapping[str, int], tasks: str) ->
     ranks = {m: rank for m in ref.modules} if isinstance(rank, int) else dict(rank)
     unknown = sorted(set(ranks) - set(ref.modules))
     if unknown:
-        raise ValueError(f"rank given for modules without statistics (tasks {tasks}): {unknown[:5]}")
+        raise SubspaceError(f"rank given for modules without statistics (tasks {tasks}): {unknown[:5]}")
     if not ranks:
-        raise ValueError(f"no modules to compute a subspace for (tasks {tasks})")
+        raise SubspaceError(f"no modules to compute a subspace for (tasks {tasks})")
     for m, r in ranks.items():
         if not isinstance(r, int) or r < 1:
-            raise ValueError(f"module {m}: rank must be a positive int, got {r!r} (tasks {tasks})")
+            raise SubspaceError(f"module {m}: rank must be a positive int, got {r!r} (tasks {tasks})")
         if r > ref.dim(m):
-            raise ValueError(f"module {m}: rank {r} exceeds its input dim {ref.dim(m)} (tasks {tasks})")
+            raise SubspaceError(f"module {m}: rank {r} exceeds its input dim {ref.dim(m)} (tasks {tasks})")
     return ranks
 
 
@@ -251,7 +252,7 @@ def _check_options(variant: str, weighting: str, scale: str) -> None:
     for value, allowed, what in ((variant, VARIANTS, "variant"), (weighting, WEIGHTINGS, "weighting"),
                                  (scale, SCALES, "scale")):
         if value not in allowed:
-            raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+            raise SubspaceError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
 
 
 def _check_pool(pool: Sequence[TaskStats], ranks: Mapping[str, int]) -> None:
@@ -261,7 +262,7 @@ def _check_pool(pool: Sequence[TaskStats], ranks: Mapping[str, int]) -> None:
         s.check_matches(model=ref.model, config_hash=ref.config_hash, modules=dims,
                         source=f"statistics of task {s.task!r} (vs task {ref.task!r})")
         if s.tokens <= 0:
-            raise ValueError(f"statistics of task {s.task!r} hold no tokens")
+            raise StatsError(f"statistics of task {s.task!r} hold no tokens")
 
 
 @dataclass
@@ -279,12 +280,12 @@ class _TaskTerms:
 def _task_terms(s: TaskStats, reps: list[str], variant: str, weighting: str) -> _TaskTerms:
     for m in reps:
         if not (torch.isfinite(s.second[m]).all() and torch.isfinite(s.first[m]).all()):
-            raise ValueError(f"statistics of task {s.task!r}, module {m}: NaN/Inf entries")
+            raise StatsError(f"statistics of task {s.task!r}, module {m}: NaN/Inf entries")
 
     def weight(traces: torch.Tensor, what: str) -> torch.Tensor:
         if weighting == "trace" and not bool((traces > 0).all()):
             m = reps[int((traces <= 0).nonzero()[0])]
-            raise ValueError(f"statistics of task {s.task!r}, module {m}: {what} has zero trace, cannot "
+            raise StatsError(f"statistics of task {s.task!r}, module {m}: {what} has zero trace, cannot "
                              f"trace-normalise (all-zero inputs?)")
         return task_weights(weighting, s.tokens, traces)
 
@@ -421,9 +422,9 @@ def compute_subspaces(
     _check_options(variant, weighting, scale)
     names = [s.task for s in pool]
     if len(pool) < 2:
-        raise ValueError(f"OSRM leave-one-out needs statistics of at least 2 tasks, got {names}")
+        raise SubspaceError(f"OSRM leave-one-out needs statistics of at least 2 tasks, got {names}")
     if len(set(names)) != len(names):
-        raise ValueError(f"task names must be unique, got {names}")
+        raise SubspaceError(f"task names must be unique, got {names}")
     ranks = _resolve_ranks(pool[0], rank, ", ".join(map(repr, names)))
     _check_pool(pool, ranks)
     parts = _compute(pool, ranks, variant, weighting, scale, leave_one_out=True)
@@ -446,9 +447,9 @@ def subspace_from_others(
     _check_options(variant, weighting, scale)
     names = [s.task for s in pool]
     if not pool:
-        raise ValueError(f"task {task!r}: need statistics of at least one other task")
+        raise SubspaceError(f"task {task!r}: need statistics of at least one other task")
     if task in names:
-        raise ValueError(f"task {task!r}: its own statistics are among the 'others' {names}")
+        raise SubspaceError(f"task {task!r}: its own statistics are among the 'others' {names}")
     ranks = _resolve_ranks(pool[0], rank, repr(task))
     _check_pool(pool, ranks)
     [parts] = _compute(pool, ranks, variant, weighting, scale, leave_one_out=False)

@@ -54,11 +54,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 from .adapters import lora_scale
+from .errors import TrainingError
 from .init import osrm_init
 from .io import atomic_dir, load_tensors, save_tensors, write_json
 from .modules import default_target_modules, find_target_modules
 from .stats import TaskStats, model_config_hash
-from .subspace import Subspace, subspace_from_others
+from .subspace import Subspace, SubspaceMismatchError, subspace_from_others
 from .tasks import Task, TaskSpec, compute_metrics, resolve_model_path, tokenize
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def resolve_precision(precision: str, cuda: bool) -> str:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision in ("bf16", "fp16") and not cuda:
-        raise ValueError(f"training.precision={precision!r} needs a CUDA GPU and none is available; "
+        raise TrainingError(f"training.precision={precision!r} needs a CUDA GPU and none is available; "
                          f"use 'auto' or 'fp32'")
     return precision
 
@@ -238,7 +239,7 @@ def _osrm_subspace(
     if subspace is None:
         subspace = subspace_from_others(task_name, other_stats, rank, variant=OSRM_VARIANTS[init][0])
     if subspace.variant not in OSRM_VARIANTS[init]:
-        raise ValueError(
+        raise SubspaceMismatchError(
             f"init={init!r} needs a subspace of variant {' or '.join(OSRM_VARIANTS[init])}, but the subspace "
             f"of task {subspace.task!r} is {subspace.variant!r}"
         )
@@ -246,7 +247,7 @@ def _osrm_subspace(
         raise ValueError(f"the subspace was computed for task {subspace.task!r}, not for task {task_name!r}")
     config_hash = model_config_hash(model)
     if subspace.config_hash != config_hash:
-        raise ValueError(
+        raise SubspaceMismatchError(
             f"the subspace of task {task_name!r} was computed on model {subspace.model!r} (config hash "
             f"{subspace.config_hash}), not on {model_name!r} (config hash {config_hash})"
         )
@@ -283,7 +284,7 @@ def _training_arguments(
     cuda = torch.cuda.is_available()
     precision = resolve_precision(training.precision, cuda)
     if training.keep_best and not has_dev:
-        raise ValueError(f"training.keep_best needs a dev split, and task {spec.name!r} has none")
+        raise TrainingError(f"training.keep_best needs a dev split, and task {spec.name!r} has none")
     kwargs: dict[str, Any] = {}
     if training.keep_best:
         # Every task metric (accuracy, F1, MCC, correlations) is better when higher.

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters import LoraAdapter, LoraFactors
+from ..errors import MergeError
 from .engine import Merged
 from .lowrank import squared_norm, truncate_dense, truncate_factors
 
@@ -40,9 +41,9 @@ def to_adapter(
     extra tensors (classification head, modules_to_save) into the result.
     """
     if rank is not None and rank < 1:
-        raise ValueError(f"rank must be ≥ 1, got {rank}")
+        raise MergeError(f"rank must be ≥ 1, got {rank}")
     if heads_from is not None and heads_from not in merged.adapters:
-        raise ValueError(f"heads_from={heads_from!r} is not one of the merged adapters {merged.tasks}")
+        raise MergeError(f"heads_from={heads_from!r} is not one of the merged adapters {merged.tasks}")
     modules: dict[str, LoraFactors] = {}
     discarded: dict[str, float] = {}
     dropped_energy = total_energy = 0.0
@@ -54,7 +55,7 @@ def to_adapter(
             total_energy += squared_norm(m.factors)
             continue
         if rank is None:
-            raise ValueError(
+            raise MergeError(
                 f"merge method {merged.method!r} gives a dense update for module {m.name}; pass rank= to save a "
                 f"truncated-SVD adapter"
             )

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import platformdirs
 
+from ..errors import OsrmLoraError
 from ..io import sha256_file
 
 CACHE_ENV = "OSRM_LORA_CACHE"
 
 
-class FetchError(RuntimeError):
+class FetchError(OsrmLoraError, RuntimeError):
     """A download that failed or did not match its pinned hash; nothing was written to the cache."""
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from .spec import TaskSpec
+from .spec import TaskError, TaskSpec
 
 
 def _correlation(fn: Callable, x: np.ndarray, y: np.ndarray) -> float:
@@ -37,17 +37,17 @@ def _as_class_ids(predictions: Any, spec: TaskSpec) -> np.ndarray:
     pred = np.asarray(predictions)
     if pred.ndim == 2:
         if pred.shape[1] != spec.num_labels:
-            raise ValueError(
+            raise TaskError(
                 f"task {spec.name!r}: logits have {pred.shape[1]} columns, the task has {spec.num_labels} labels"
             )
         return pred.argmax(axis=1)
     if pred.ndim != 1:
-        raise ValueError(f"task {spec.name!r}: predictions must be class ids (N) or logits (N×C), got {pred.shape}")
+        raise TaskError(f"task {spec.name!r}: predictions must be class ids (N) or logits (N×C), got {pred.shape}")
     if pred.size and not np.all(np.equal(np.mod(pred, 1), 0)):
-        raise ValueError(f"task {spec.name!r}: class-id predictions must be integers")
+        raise TaskError(f"task {spec.name!r}: class-id predictions must be integers")
     ids = pred.astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= spec.num_labels):
-        raise ValueError(f"task {spec.name!r}: predicted class ids outside 0..{spec.num_labels - 1}")
+        raise TaskError(f"task {spec.name!r}: predicted class ids outside 0..{spec.num_labels - 1}")
     return ids
 
 
@@ -56,7 +56,7 @@ def _as_scores(values: Any, spec: TaskSpec, what: str) -> np.ndarray:
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1:
-        raise ValueError(f"task {spec.name!r}: regression {what} must be one number per example, got {arr.shape}")
+        raise TaskError(f"task {spec.name!r}: regression {what} must be one number per example, got {arr.shape}")
     return arr
 
 
@@ -64,11 +64,11 @@ def compute_metrics(spec: TaskSpec, predictions: Any, labels: Any) -> dict[str, 
     """Every metric of `spec.metrics` (the primary one included) for these predictions against gold labels."""
     gold_raw = np.asarray(labels)
     if len(np.atleast_1d(predictions)) != len(np.atleast_1d(gold_raw)):
-        raise ValueError(
+        raise TaskError(
             f"task {spec.name!r}: {len(np.atleast_1d(predictions))} predictions for {len(gold_raw)} labels"
         )
     if gold_raw.size == 0:
-        raise ValueError(f"task {spec.name!r}: no examples to score")
+        raise TaskError(f"task {spec.name!r}: no examples to score")
     if spec.is_regression:
         pred, gold = _as_scores(predictions, spec, "predictions"), _as_scores(labels, spec, "labels")
         pearson = _correlation(pearsonr, pred, gold)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import OsrmLoraError
 from ..io import OsrmFileError
 
 MAX_MALFORMED_FRACTION = 0.01
@@ -27,7 +28,7 @@ class MalformedRowsWarning(UserWarning):
     """Some rows of a data file were skipped; the message names the file, the count and the first lines."""
 
 
-class BadRow(ValueError):
+class BadRow(OsrmLoraError):
     """Raised by a row parser: the row is skipped and counted."""
 
 

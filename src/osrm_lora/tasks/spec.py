@@ -11,12 +11,14 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..errors import OsrmLoraError
+
 # Metric names a spec may list; `metrics.py` computes each of them.
 CLASSIFICATION_METRICS = ("accuracy", "f1", "macro_f1", "matthews", "mean_f1_accuracy")
 REGRESSION_METRICS = ("pearson", "spearman", "mean_pearson_spearman")
 
 
-class TaskError(ValueError):
+class TaskError(OsrmLoraError):
     """A task that cannot be built or used: unknown name, bad options, labels that do not fit."""
 
 
@@ -82,7 +84,7 @@ class TaskSpec:
         if self.label_names is None:
             value = float(raw)
             if not math.isfinite(value):
-                raise ValueError(f"regression label {raw!r} is not a finite number")
+                raise TaskError(f"regression label {raw!r} is not a finite number")
             return value
         if isinstance(raw, numbers.Number) and not isinstance(raw, bool):  # numbers are class ids, strings are names first
             number = float(raw)
@@ -93,10 +95,10 @@ class TaskSpec:
             try:
                 number = float(text)
             except ValueError:
-                raise ValueError(f"label {raw!r} is not one of {list(self.label_names)}") from None
+                raise TaskError(f"label {raw!r} is not one of {list(self.label_names)}") from None
         if number.is_integer() and 0 <= number < len(self.label_names):
             return int(number)
-        raise ValueError(f"label {raw!r} is not a class id in 0..{len(self.label_names) - 1}")
+        raise TaskError(f"label {raw!r} is not a class id in 0..{len(self.label_names) - 1}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
