@@ -1,4 +1,4 @@
-"""osrm_init on tiny PEFT models and project_adapter against dense projections."""
+"""The init registry; osrm_init on tiny PEFT models and project_adapter against dense projections."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from osrm_lora.adapters import LoraAdapter, LoraFactors
-from osrm_lora.init import osrm_init, project_adapter
+from osrm_lora.inits import InitOptions, InitSpec, get_init, list_inits, osrm_init, project_adapter
+from osrm_lora.inits import registry as init_registry
 from osrm_lora.modules import find_target_modules, in_out_features
 from osrm_lora.stats import StatsMismatchError, model_config_hash
-from osrm_lora.subspace import SubspaceMismatchError, compute_subspaces
+from osrm_lora.subspace import VARIANTS, SubspaceMismatchError, compute_subspaces
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -242,3 +243,41 @@ def test_project_adapter_errors(toy_subspaces):
     wide.modules["m0"] = LoraFactors(torch.randn(6, 12), torch.randn(7, 6), 1.0)
     with pytest.raises(SubspaceMismatchError, match="module m0: LoRA rank 6 needs 6 rows"):
         project_adapter(wide, sub)
+
+
+def test_registry_declares_each_init():
+    assert [i["name"] for i in list_inits()] == ["gaussian", "osrm", "osrm-mean", "pissa", "olora"]
+    declared = {i["name"]: (i["peft_init"], i["needs_stats"], tuple(i["variants"]), i["mutates_base"])
+                for i in list_inits()}
+    assert declared == {
+        "gaussian": (True, False, (), False),
+        "osrm": (True, True, ("cov", "centered"), False),
+        "osrm-mean": (True, True, ("mean",), False),
+        "pissa": ("pissa", False, (), True),
+        "olora": ("olora", False, (), True),
+    }
+    for info in list_inits():
+        spec = get_init(info["name"])
+        assert spec.summary and info["options"] == [] and spec.options is InitOptions
+        assert set(spec.variants) <= set(VARIANTS)  # only variants `compute_subspaces` implements
+
+
+def test_subspace_variant_follows_the_init_and_the_configured_variant():
+    assert get_init("osrm").subspace_variant("centered") == "centered"
+    assert get_init("osrm-mean").subspace_variant("cov") == "mean"
+    assert get_init("gaussian").subspace_variant("cov") is None
+    with pytest.raises(ValueError, match="cov or centered, not 'mean'"):
+        get_init("osrm").subspace_variant("mean")
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="init 'orsm' is unknown; did you mean osrm.*known inits: gaussian"):
+        get_init("orsm")
+    with pytest.raises(ValueError, match="already registered"):
+        init_registry.register(InitSpec("osrm", "again", peft_init=True))
+    with pytest.raises(ValueError, match="set needs_stats"):
+        InitSpec("x", "a subspace without statistics", peft_init=True, variants=("cov",))
+    with pytest.raises(ValueError, match="init 'gaussian': unknown option 'rank'"):
+        get_init("gaussian").parse({"rank": 4})
+    with pytest.raises(ValueError, match="need the task's subspace"):
+        get_init("osrm").apply(None, None, InitOptions())

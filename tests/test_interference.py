@@ -9,7 +9,7 @@ from helpers_core import OneLinear, anisotropic_inputs, stats_from_inputs, subsp
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from osrm_lora.adapters import LoraAdapter, LoraFactors
-from osrm_lora.init import osrm_init
+from osrm_lora.inits import osrm_init
 from osrm_lora.interference import interference_matrix, output_energy
 from osrm_lora.stats import StatsMismatchError
 from osrm_lora.subspace import compute_subspaces

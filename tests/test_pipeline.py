@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from osrm_lora import train as train_module
-from osrm_lora.config import ConfigError, load_experiment, parse_demo, parse_experiment
 from osrm_lora.pipeline import Experiment, run_experiment
+from osrm_lora.settings import ConfigError, load_experiment, parse_demo, parse_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["sentiment", "topic"]

@@ -27,12 +27,11 @@ from transformers import (
     TrainerCallback,
 )
 
+from osrm_lora.settings import LoraSettings, TrainingSettings
 from osrm_lora.stats import TaskStats, model_config_hash
 from osrm_lora.subspace import subspace_from_others
 from osrm_lora.tasks import Task, TaskSpec
 from osrm_lora.train import (
-    LoraSettings,
-    TrainingSettings,
     finetune,
     load_model_and_tokenizer,
     resolve_precision,

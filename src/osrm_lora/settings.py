@@ -1,6 +1,9 @@
-"""The experiment file (`osrm-lora run experiment.yaml`): a validated description of the whole study.
+"""Every settings schema, checked by pydantic: the experiment file and `finetune`'s LoRA and training settings.
 
-One YAML file names the base model, the tasks and where their data comes from, the LoRA and training settings,
+Only pydantic, yaml and torch-free parts of the package (the init and merge-method registries) are imported, so
+validating an experiment or printing help never loads torch.
+
+The experiment file (`osrm-lora run experiment.yaml`) names the base model, the tasks and where their data comes from, the LoRA and training settings,
 the inits to compare, the statistics and subspace options, the merge methods with their hyper-parameters and λ
 grids, the seeds and the output folder. Every key is checked by pydantic before anything runs, and an error
 names the file and the exact key (``merge[1].params.density``), so a typo never costs a training run.
@@ -34,7 +37,8 @@ from pydantic import (
     model_validator,
 )
 
-from .train import INIT_METHODS, LoraSettings, TrainingSettings
+from .errors import OsrmLoraError
+from .inits import get_init
 
 # Default λ grid: the paper sweeps the merging coefficient; 1.0 is plain addition of LoRA updates.
 DEFAULT_LAMBDAS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
@@ -46,12 +50,57 @@ PATH_OPTIONS = ("glue_dir", "files")
 STAGES = ("stats", "subspaces", "train", "eval", "fisher", "grams", "merge", "interference", "report")
 
 
-class ConfigError(ValueError):
+class ConfigError(OsrmLoraError):
     """An experiment file that cannot be used; the message names the file and the key."""
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Strict):
+    """The adapter's shape and which factors train."""
+
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale alpha/r (alpha/sqrt(r) with rsLoRA)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | str | None = Field(
+        None, description="module names or a full-match regex; None: the model type's query/value projections"
+    )
+    use_rslora: bool = Field(False, description="rank-stabilised scale alpha/sqrt(r)")
+    freeze: Literal["none", "A", "B"] = Field("none", description="keep lora_A or lora_B at its initial value")
+
+
+class TrainingSettings(_Strict):
+    """Optimisation knobs, mapped one to one onto `transformers.TrainingArguments`."""
+
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (linear decay after warmup)")
+    epochs: float = Field(3.0, gt=0, description="training epochs (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(32, gt=0, description="examples per device per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="fraction of the steps with a linear warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_length: int = Field(128, gt=0, description="tokens per example after truncation")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 (fp16 if unsupported) on a CUDA GPU, fp32 otherwise; bf16/fp16 need a GPU"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+    eval_each_epoch: bool = Field(True, description="evaluate on the dev split after each epoch")
+    keep_best: bool = Field(False, description="end with the epoch of best dev primary metric")
+    save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps; None: after each epoch")
+    logging_steps: int = Field(50, gt=0, description="log the training loss every N steps")
+    max_train_examples: int | None = Field(None, gt=0, description="subsample the train split")
+    max_eval_examples: int | None = Field(None, gt=0, description="subsample the dev split")
+    progress: bool = Field(True, description="show progress bars")
+
+    @model_validator(mode="after")
+    def _best_needs_epoch_evaluation(self) -> TrainingSettings:
+        if self.keep_best and not self.eval_each_epoch:
+            raise ValueError("keep_best needs eval_each_epoch=true (the best epoch is chosen on dev)")
+        if self.keep_best and self.save_steps is not None:
+            raise ValueError("keep_best needs save_steps unset (checkpoints must coincide with the evaluations)")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -110,9 +159,10 @@ class StatisticsConfig(_Strict):
 
 
 class SubspaceConfig(_Strict):
-    """Options of `subspace.compute_subspaces` for the `osrm` init (`osrm-mean` always uses variant mean)."""
+    """Options of `subspace.compute_subspaces` for the inits that start from a subspace; `variant` is for the
+    inits accepting several (`osrm`), the others use their own (`osrm-mean`: mean)."""
 
-    variant: Literal["cov", "centered"] = "cov"
+    variant: Literal[get_init("osrm").variants] = "cov"  # type: ignore[valid-type]
     weighting: Literal["equal", "tokens", "trace"] = "equal"
     scale: Literal["orthonormal", "kaiming"] = "orthonormal"
 
@@ -276,9 +326,8 @@ class ExperimentConfig(_Strict):
     @field_validator("inits")
     @classmethod
     def _known_inits(cls, inits: list[str]) -> list[str]:
-        unknown = [i for i in inits if i not in INIT_METHODS]
-        if unknown:
-            raise ValueError(f"unknown init {unknown}; choose from {list(INIT_METHODS)}")
+        for init in inits:
+            get_init(init)
         if _repeated(inits):
             raise ValueError(f"inits must be unique, got {inits}")
         return inits

@@ -1,8 +1,7 @@
 """Fine-tune one LoRA adapter on one task with `transformers.Trainer`, and save it atomically.
 
-The adapter starts from PEFT's default LoRA init (``gaussian``, the baseline: kaiming-uniform A, B = 0), from
-OSRM's subspace of the other tasks' inputs (``osrm``; ``osrm-mean`` is the official code's mean-based
-variant), or from PEFT's PiSSA/OLoRA. Training is plain `Trainer`, so it runs unchanged on several GPUs::
+The adapter starts from a registered init (`osrm_lora.inits`): PEFT's default (``gaussian``, the baseline),
+OSRM's subspace of the other tasks' inputs (``osrm``, ``osrm-mean``), or PEFT's PiSSA/OLoRA. Training is plain `Trainer`, so it runs unchanged on several GPUs::
 
     torchrun --nproc_per_node 4 -m osrm_lora.cli train ...
     accelerate launch -m osrm_lora.cli train ...
@@ -38,7 +37,6 @@ from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -55,77 +53,21 @@ from transformers.trainer_utils import get_last_checkpoint
 from . import __version__
 from .adapters import lora_scale
 from .errors import TrainingError
-from .init import osrm_init
+from .inits import InitSpec, get_init, list_inits
 from .io import atomic_dir, load_tensors, save_tensors, write_json
 from .modules import default_target_modules, find_target_modules
+from .settings import LoraSettings, TrainingSettings
 from .stats import TaskStats, model_config_hash
 from .subspace import Subspace, SubspaceMismatchError, subspace_from_others
 from .tasks import Task, TaskSpec, compute_metrics, resolve_model_path, tokenize
 
 logger = logging.getLogger(__name__)
 
-InitMethod = Literal["gaussian", "osrm", "osrm-mean", "pissa", "olora"]
-INIT_METHODS: tuple[str, ...] = ("gaussian", "osrm", "osrm-mean", "pissa", "olora")
 METADATA_NAME = "osrm_lora.json"
 METADATA_FORMAT = "osrm-lora/adapter/1"
 RUN_NAME = "run.json"
 INITIAL_FACTORS = "initial_factors.safetensors"
-# Subspace variants each OSRM init accepts.
-OSRM_VARIANTS = {"osrm": ("cov", "centered"), "osrm-mean": ("mean",)}
-# Inits that move the initial adapter out of the base weights and are saved converted to rank 2r.
-BASE_MUTATING = ("pissa", "olora")
-# PEFT `init_lora_weights` per init; the OSRM inits start from PEFT's default and then overwrite A.
-PEFT_INIT = {"gaussian": True, "osrm": True, "osrm-mean": True, "pissa": "pissa", "olora": "olora"}
 _EVAL_BOOKKEEPING = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
-
-
-class LoraSettings(BaseModel):
-    """The adapter's shape and which factors train."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(8, gt=0, description="LoRA rank")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale alpha/r (alpha/sqrt(r) with rsLoRA)")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapter's input")
-    target_modules: list[str] | str | None = Field(
-        None, description="module names or a full-match regex; None: the model type's query/value projections"
-    )
-    use_rslora: bool = Field(False, description="rank-stabilised scale alpha/sqrt(r)")
-    freeze: Literal["none", "A", "B"] = Field("none", description="keep lora_A or lora_B at its initial value")
-
-
-class TrainingSettings(BaseModel):
-    """Optimisation knobs, mapped one to one onto `transformers.TrainingArguments`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (linear decay after warmup)")
-    epochs: float = Field(3.0, gt=0, description="training epochs (ignored when max_steps is set)")
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
-    batch_size: int = Field(32, gt=0, description="examples per device per micro-batch")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="fraction of the steps with a linear warmup")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_length: int = Field(128, gt=0, description="tokens per example after truncation")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 (fp16 if unsupported) on a CUDA GPU, fp32 otherwise; bf16/fp16 need a GPU"
-    )
-    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
-    eval_each_epoch: bool = Field(True, description="evaluate on the dev split after each epoch")
-    keep_best: bool = Field(False, description="end with the epoch of best dev primary metric")
-    save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps; None: after each epoch")
-    logging_steps: int = Field(50, gt=0, description="log the training loss every N steps")
-    max_train_examples: int | None = Field(None, gt=0, description="subsample the train split")
-    max_eval_examples: int | None = Field(None, gt=0, description="subsample the dev split")
-    progress: bool = Field(True, description="show progress bars")
-
-    @model_validator(mode="after")
-    def _best_needs_epoch_evaluation(self) -> TrainingSettings:
-        if self.keep_best and not self.eval_each_epoch:
-            raise ValueError("keep_best needs eval_each_epoch=true (the best epoch is chosen on dev)")
-        if self.keep_best and self.save_steps is not None:
-            raise ValueError("keep_best needs save_steps unset (checkpoints must coincide with the evaluations)")
-        return self
 
 
 @dataclass
@@ -219,28 +161,31 @@ def freeze_factor(peft_model, factor: Literal["none", "A", "B"]) -> list[str]:
     return frozen
 
 
-def _check_init(init: str, subspace: Subspace | None, other_stats: Sequence[TaskStats] | None) -> None:
-    if init not in INIT_METHODS:
-        raise ValueError(f"init={init!r} is unknown; choose one of {', '.join(INIT_METHODS)}")
-    if init in OSRM_VARIANTS:
+def _check_init(init: str, subspace: Subspace | None, other_stats: Sequence[TaskStats] | None) -> InitSpec:
+    """The registered init, with the subspace arguments it takes (those with subspace variants need one)."""
+    spec = get_init(init)
+    if spec.variants:
         if subspace is None and not other_stats:
             raise ValueError(f"init={init!r} needs the task's subspace or the other tasks' statistics (other_stats)")
         if subspace is not None and other_stats:
             raise ValueError(f"init={init!r}: pass either subspace or other_stats, not both")
     elif subspace is not None or other_stats:
-        raise ValueError(f"init={init!r} uses no subspace; subspace and other_stats are for osrm and osrm-mean")
+        takers = " and ".join(i["name"] for i in list_inits() if i["variants"])
+        raise ValueError(f"init={init!r} uses no subspace; subspace and other_stats are for {takers}")
+    return spec
 
 
-def _osrm_subspace(
-    init: str, task_name: str, subspace: Subspace | None, other_stats: Sequence[TaskStats] | None, rank: int,
-    model: torch.nn.Module, model_name: str,
+def _init_subspace(
+    spec: InitSpec, task_name: str, subspace: Subspace | None, other_stats: Sequence[TaskStats] | None,
+    rank: int, model: torch.nn.Module, model_name: str,
 ) -> Subspace:
-    """The subspace this task's A starts from, checked against the task, the init's variant and the model."""
+    """The subspace this task's A starts from (computed from `other_stats` in the init's first variant),
+    checked against the task, the init's variants and the model."""
     if subspace is None:
-        subspace = subspace_from_others(task_name, other_stats, rank, variant=OSRM_VARIANTS[init][0])
-    if subspace.variant not in OSRM_VARIANTS[init]:
+        subspace = subspace_from_others(task_name, other_stats, rank, variant=spec.variants[0])
+    if subspace.variant not in spec.variants:
         raise SubspaceMismatchError(
-            f"init={init!r} needs a subspace of variant {' or '.join(OSRM_VARIANTS[init])}, but the subspace "
+            f"init={spec.name!r} needs a subspace of variant {' or '.join(spec.variants)}, but the subspace "
             f"of task {subspace.task!r} is {subspace.variant!r}"
         )
     if subspace.task != task_name:
@@ -254,7 +199,7 @@ def _osrm_subspace(
     return subspace
 
 
-def _lora_config(model, lora: LoraSettings, init: str):
+def _lora_config(model, lora: LoraSettings, init: InitSpec):
     """PEFT config; SEQ_CLS makes PEFT train and save the head (`classifier`/`score`) with the adapter."""
     targets = lora.target_modules or default_target_modules(model.config.model_type)
     layers = find_target_modules(model, targets)
@@ -265,7 +210,7 @@ def _lora_config(model, lora: LoraSettings, init: str):
         lora_dropout=lora.dropout,
         target_modules=targets,
         use_rslora=lora.use_rslora,
-        init_lora_weights=PEFT_INIT[init],
+        init_lora_weights=init.peft_init,
         fan_in_fan_out=any(isinstance(layer, Conv1D) for layer in layers.values()),  # GPT-2 stores W as in×out
     )
 
@@ -402,7 +347,7 @@ def finetune(
     model_name: str,
     output_dir: str | Path,
     *,
-    init: InitMethod = "gaussian",
+    init: str = "gaussian",
     subspace: Subspace | None = None,
     other_stats: Sequence[TaskStats] | None = None,
     lora: LoraSettings | Mapping[str, Any] | None = None,
@@ -414,15 +359,19 @@ def finetune(
 ) -> TrainResult:
     """Train one LoRA adapter (and the task head) on `task` and write it to `output_dir` atomically.
 
-    The OSRM inits take the task's `subspace` (from `subspace.subspace_from_others` or `compute_subspaces`),
-    or compute it here from `other_stats`, the statistics of the tasks this adapter must not disturb.
-    An existing `output_dir` is replaced only once the new adapter is complete. With `resume`, training
-    continues from the last checkpoint of an interrupted run with the same settings, if there is one.
+    `init` is a registered init (`osrm_lora.inits`). Those starting from a subspace (osrm, osrm-mean) take the
+    task's `subspace` (from `subspace.subspace_from_others` or `compute_subspaces`), or compute it here from
+    `other_stats`, the statistics of the tasks this adapter must not disturb. An existing `output_dir` is
+    replaced only once the new adapter is complete. With `resume`, training continues from the last
+    checkpoint of an interrupted run with the same settings, if there is one.
+
+    Longer than most functions: one sequence whose order fixes the random draws (head, then adapter) and the
+    processes' barriers, kept in one place; each self-contained step is a helper.
     """
     start = time.perf_counter()
     lora = LoraSettings.model_validate(lora or {})
     training = TrainingSettings.model_validate(training or {})
-    _check_init(init, subspace, other_stats)
+    init_spec = _check_init(init, subspace, other_stats)
     spec = task.spec
     output_dir = Path(output_dir)
     partial = output_dir.with_name(output_dir.name + ".partial")
@@ -432,20 +381,16 @@ def finetune(
     set_seed(seed)  # the head's and the adapter's random inits
     model, tokenizer = load_model_and_tokenizer(model_name, spec, trust_remote_code=trust_remote_code)
     config_hash = model_config_hash(model)
-    if init in OSRM_VARIANTS:
-        subspace = _osrm_subspace(init, spec.name, subspace, other_stats, lora.r, model, model_name)
-    if init in BASE_MUTATING:
+    if init_spec.variants:
+        subspace = _init_subspace(init_spec, spec.name, subspace, other_stats, lora.r, model, model_name)
+    if init_spec.mutates_base:
         logger.warning("init=%r trains on a base with the initial adapter subtracted; the adapter is saved "
                        "converted to a rank-%d LoRA on the unmodified base, so it stays mergeable", init, 2 * lora.r)
     with args.main_process_first(desc="tokenize"):
-        train_set = tokenize(task.split("train", max_examples=training.max_train_examples, seed=seed),
-                             tokenizer, spec, max_length=training.max_length)
-        dev_set = tokenize(task.split("dev", max_examples=training.max_eval_examples, seed=seed),
-                           tokenizer, spec, max_length=training.max_length) if has_dev else None
+        train_set, dev_set = _tokenized_splits(task, tokenizer, training, seed, has_dev)
     head_bias = start_regression_head_at_mean(model, train_set["labels"]) if spec.is_regression else None
-    peft_model = get_peft_model(model, _lora_config(model, lora, init))
-    if subspace is not None:
-        osrm_init(peft_model, subspace)
+    peft_model = get_peft_model(model, _lora_config(model, lora, init_spec))
+    init_spec.apply(peft_model, subspace, init_spec.parse({}))
     frozen = freeze_factor(peft_model, lora.freeze)
 
     run = {
@@ -457,31 +402,15 @@ def finetune(
         if args.process_index == 0:
             _prepare_partial(partial, run, resume)
     checkpoint = get_last_checkpoint(str(partial)) if resume else None
-    initial = None
-    if init in BASE_MUTATING:  # the initial factors, as the interrupted run drew them when resuming
-        initial_file = partial / INITIAL_FACTORS
-        initial = load_tensors(initial_file)[0] if checkpoint and initial_file.is_file() else lora_state(peft_model)
-        if args.process_index == 0 and not checkpoint:
-            save_tensors(initial_file, initial, metadata={"format": "pt"})
+    initial = (_initial_factors(peft_model, partial, checkpoint, args.process_index == 0)
+               if init_spec.mutates_base else None)
 
     timer = StepTimer()
-    trainer = Trainer(
-        model=peft_model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=dev_set,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=_metrics_fn(spec),
-        callbacks=[timer, *callbacks],
-    )
+    trainer = _trainer(peft_model, args, train_set, dev_set, tokenizer, spec, [timer, *callbacks])
     if not training.progress:  # without progress bars, Trainer prints every log line instead
         trainer.remove_callback(PrinterCallback)
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
-    metrics: dict[str, float] = {}
-    if dev_set is not None:
-        evaluated = trainer.evaluate()
-        metrics = {k.removeprefix("eval_"): float(v) for k, v in evaluated.items()
-                   if k.removeprefix("eval_") not in _EVAL_BOOKKEEPING}
+    metrics = _dev_metrics(trainer) if dev_set is not None else {}
     peft_model.eval()
     step_time = statistics.median(timer.times) if timer.times else math.nan
 
@@ -494,7 +423,7 @@ def finetune(
         "target_modules": sorted(peft_model.peft_config["default"].target_modules),
         "frozen_parameters": frozen,
         "regression_head_bias_init": head_bias,
-        "saved_rank": 2 * lora.r if init in BASE_MUTATING else lora.r,
+        "saved_rank": 2 * lora.r if init_spec.mutates_base else lora.r,
         "precision": precision,
         "world_size": args.world_size,
         "dev_metrics": metrics,
@@ -518,6 +447,47 @@ def finetune(
         steps=metadata["steps"], step_time=step_time, metadata=metadata,
         history=list(trainer.state.log_history), model=peft_model,
     )
+
+
+def _tokenized_splits(task: Task, tokenizer, training: TrainingSettings, seed: int, has_dev: bool):
+    """The tokenized train split and (with one) dev split, each subsampled as the settings say."""
+    train_set = tokenize(task.split("train", max_examples=training.max_train_examples, seed=seed),
+                         tokenizer, task.spec, max_length=training.max_length)
+    dev_set = tokenize(task.split("dev", max_examples=training.max_eval_examples, seed=seed),
+                       tokenizer, task.spec, max_length=training.max_length) if has_dev else None
+    return train_set, dev_set
+
+
+def _initial_factors(peft_model, partial: Path, checkpoint: str | None, main: bool) -> dict[str, torch.Tensor]:
+    """A base-mutating init's initial lora_A/lora_B, saved in the partial folder so a resumed run subtracts
+    the factors the interrupted run drew."""
+    initial_file = partial / INITIAL_FACTORS
+    if checkpoint and initial_file.is_file():
+        return load_tensors(initial_file)[0]
+    initial = lora_state(peft_model)
+    if main and not checkpoint:
+        save_tensors(initial_file, initial, metadata={"format": "pt"})
+    return initial
+
+
+def _trainer(peft_model, args: TrainingArguments, train_set, dev_set, tokenizer, spec: TaskSpec,
+             callbacks: list[TrainerCallback]) -> Trainer:
+    return Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=dev_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=_metrics_fn(spec),
+        callbacks=callbacks,
+    )
+
+
+def _dev_metrics(trainer: Trainer) -> dict[str, float]:
+    """The final dev evaluation's metrics, without the Trainer's timing bookkeeping."""
+    evaluated = trainer.evaluate()
+    return {k.removeprefix("eval_"): float(v) for k, v in evaluated.items()
+            if k.removeprefix("eval_") not in _EVAL_BOOKKEEPING}
 
 
 def _subspace_record(subspace: Subspace | None) -> dict | None:

@@ -1,5 +1,7 @@
 """Putting OSRM subspaces into LoRA adapters: before training (`osrm_init`) or after it (`project_adapter`).
 
+The tensor side of the `osrm` and `osrm-mean` inits (`inits.osrm` registers them without importing this).
+
 Before training, each LoRA layer's ``lora_A`` gets the subspace's first r rows and ``lora_B`` stays zero,
 so the model computes exactly what the base model computes until training moves B. After training, an
 adapter can be projected onto the subspace instead: ``ΔW' = ΔW Pᵀ(P Pᵀ)⁻¹P`` for the subspace rows P,
@@ -11,10 +13,10 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora import LoraLayer
 
-from .adapters import LoraAdapter, LoraFactors
-from .modules import base_name
-from .stats import StatsMismatchError, model_config_hash
-from .subspace import Subspace, SubspaceMismatchError
+from ..adapters import LoraAdapter, LoraFactors
+from ..modules import base_name
+from ..stats import StatsMismatchError, model_config_hash
+from ..subspace import Subspace, SubspaceMismatchError
 
 
 def _lora_layers(peft_model: torch.nn.Module, adapter_name: str) -> dict[str, LoraLayer]:

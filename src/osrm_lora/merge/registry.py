@@ -3,23 +3,26 @@
 A method is registered under a name with a pydantic model whose fields (type, default, description) are its
 hyper-parameters, so the CLI can list them (`osrm-lora merge --list`) and validate user input before any tensor
 is touched. The function itself sees ONE module at a time (`ModuleInputs` -> `MergedModule`); the engine does
-the iteration, which keeps peak memory at one module's dense updates for all tasks.
+the iteration, which keeps peak memory at one module's dense updates for all tasks. The registry and the method
+modules import no torch until a kernel runs (`osrm_lora._lazy`), so listing and validating methods is cheap.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from .._registry import describe_fields, parse_options, unknown_name
 from .types import MergedModule, ModuleInputs
 
+if TYPE_CHECKING:
+    import torch
+
 MethodFn = Callable[[ModuleInputs, Any], MergedModule]
-TotalsFn = Callable[[ModuleInputs, Any], torch.Tensor]
+TotalsFn = Callable[[ModuleInputs, Any], "torch.Tensor"]
 
 
 class MethodParams(BaseModel):
@@ -63,18 +66,7 @@ class MethodSpec:
 
     def parse(self, hyperparams: dict[str, Any]) -> MethodParams:
         """Validate user hyper-parameters; the error names the method, the parameter and what it accepts."""
-        try:
-            return self.params(**hyperparams)
-        except ValidationError as exc:
-            problems = []
-            for err in exc.errors():
-                where = ".".join(str(p) for p in err["loc"]) or "(all)"
-                if err["type"] == "extra_forbidden":
-                    accepted = ", ".join(self.params.model_fields) or "none"
-                    problems.append(f"unknown hyper-parameter {where!r} (accepted: {accepted})")
-                else:
-                    problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
-            raise ValueError(f"merge method {self.name!r}: " + "; ".join(problems)) from None
+        return parse_options(self.params, hyperparams, f"merge method {self.name!r}", "hyper-parameter")
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -101,39 +93,19 @@ def get_method(name: str) -> MethodSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ValueError(
-            f"unknown merge method {name!r}; {hint}known methods: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        raise unknown_name(f"unknown merge method {name!r}", name, _REGISTRY, "known methods") from None
 
 
 def list_methods() -> list[dict[str, Any]]:
     """Name, summary, requirements and documented hyper-parameters (type, default) of every method."""
     _load_builtin_methods()
-    out = []
-    for name in sorted(_REGISTRY):
-        spec = _REGISTRY[name]
-        parameters = [
-            {
-                "name": field_name,
-                "type": _type_name(field.annotation),
-                "default": field.get_default(call_default_factory=True),
-                "description": field.description or "",
-            }
-            for field_name, field in spec.params.model_fields.items()
-        ]
-        out.append({
+    return [
+        {
             "name": name, "summary": spec.summary, "requires": list(spec.requires),
-            "exact_low_rank": spec.exact_low_rank, "parameters": parameters,
-        })
-    return out
-
-
-def _type_name(annotation: Any) -> str:
-    if getattr(annotation, "__args__", None):
-        return str(annotation).replace("typing.", "")
-    return getattr(annotation, "__name__", str(annotation))
+            "exact_low_rank": spec.exact_low_rank, "parameters": describe_fields(spec.params),
+        }
+        for name, spec in sorted(_REGISTRY.items())
+    ]
 
 
 def _load_builtin_methods() -> None:

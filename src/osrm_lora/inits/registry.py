@@ -1,0 +1,107 @@
+"""Registry of LoRA inits: how each adapter starts, what it needs and what PEFT does for it.
+
+An init is one `InitSpec`, registered by the module of its family (`default`, `osrm`, `svd`): its PEFT
+`init_lora_weights` value, whether it starts from the statistics (and which subspace variants it accepts),
+whether it changes the base weights, its typed options and the step that finishes the adapter once PEFT has
+built it. Experiment validation, the CLI and `finetune` read inits from here only, so adding one is one spec
+in its family's module plus a test. Nothing here imports torch: only `apply` loads the runtime, lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .._registry import describe_fields, parse_options, unknown_name
+
+if TYPE_CHECKING:
+    from ..subspace import Subspace
+
+
+class InitOptions(BaseModel):
+    """Base of every init's options: unknown names are errors, values are immutable (no options today)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Finishes an adapter on the PEFT model built with the spec's `peft_init`: (peft_model, subspace, options).
+ApplyFn = Callable[[Any, "Subspace | None", InitOptions], None]
+
+
+def peft_only(peft_model: Any, subspace: Subspace | None, options: InitOptions) -> None:
+    """For inits PEFT performs entirely through `init_lora_weights`: nothing left to do."""
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """A registered init. `variants` are the subspace variants it accepts (empty: it uses no subspace)."""
+
+    name: str
+    summary: str
+    peft_init: bool | str
+    needs_stats: bool = False
+    variants: tuple[str, ...] = ()
+    mutates_base: bool = False
+    options: type[InitOptions] = InitOptions
+    apply: ApplyFn = peft_only
+
+    def __post_init__(self) -> None:
+        if self.variants and not self.needs_stats:
+            raise ValueError(f"init {self.name!r}: a subspace comes from the statistics; set needs_stats")
+
+    def subspace_variant(self, configured: str) -> str | None:
+        """The variant this init's subspace has, given the experiment's `subspace.variant`: its only one if it
+        accepts one (osrm-mean: mean), else the configured one; None for an init without a subspace."""
+        if not self.variants:
+            return None
+        if len(self.variants) == 1:
+            return self.variants[0]
+        if configured not in self.variants:
+            raise ValueError(f"init {self.name!r} takes a subspace of variant {' or '.join(self.variants)}, "
+                             f"not {configured!r}")
+        return configured
+
+    def parse(self, options: Mapping[str, Any]) -> InitOptions:
+        """Validate user options; the error names the init, the option and the accepted ones."""
+        return parse_options(self.options, options, f"init {self.name!r}", "option")
+
+
+_REGISTRY: dict[str, InitSpec] = {}
+
+
+def register(spec: InitSpec) -> InitSpec:
+    """Add `spec` under its name; a name registered twice is an error."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"init {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_init(name: str) -> InitSpec:
+    """The registered init `name`; an unknown name is an error listing the closest known names."""
+    _load_builtin_inits()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise unknown_name(f"init {name!r} is unknown", name, _REGISTRY, "known inits") from None
+
+
+def list_inits() -> list[dict[str, Any]]:
+    """Name, summary, PEFT init, requirements and documented options of every init, in registration order."""
+    _load_builtin_inits()
+    return [
+        {
+            "name": spec.name, "summary": spec.summary, "peft_init": spec.peft_init,
+            "needs_stats": spec.needs_stats, "variants": list(spec.variants), "mutates_base": spec.mutates_base,
+            "options": describe_fields(spec.options),
+        }
+        for spec in _REGISTRY.values()
+    ]
+
+
+def _load_builtin_inits() -> None:
+    """Import the family modules so their `register` calls run (default first: it is the baseline)."""
+    from . import default, osrm, svd  # noqa: F401
