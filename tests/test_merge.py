@@ -12,7 +12,18 @@ from helpers_merge import SHAPES, dense_deltas, random_adapter, random_adapters
 from peft.utils import merge_utils
 
 from osrm_lora.adapters import LoraAdapter, LoraFactors
-from osrm_lora.merge import get_method, list_methods, merge_adapters, merge_sweep
+from osrm_lora.merge import (
+    MergedModule,
+    MethodParams,
+    get_method,
+    list_methods,
+    merge_adapters,
+    merge_sweep,
+    register,
+    register_input,
+)
+from osrm_lora.merge import inputs as merge_inputs
+from osrm_lora.merge import registry as merge_registry
 from osrm_lora.merge import types as merge_types
 from osrm_lora.merge.dare import module_seed
 from osrm_lora.merge.emr import elect_unified, rescaler_sums, rescalers
@@ -376,6 +387,39 @@ def test_unknown_method_and_bad_hyperparameters_are_clear_errors():
         merge_adapters(adapters, "regmean")
     with pytest.raises(ValueError, match="positive"):
         merge_adapters(adapters, "fisher", fisher=[{}, {}], weights=[1.0, -1.0])
+
+
+def test_a_registered_input_kind_reaches_the_method_that_requires_it(monkeypatch):
+    """Per-task inputs are generic: a new kind is one register_input call, passed to merge_adapters by name."""
+    monkeypatch.setattr(merge_inputs, "_KINDS", dict(merge_inputs._KINDS))
+    monkeypatch.setattr(merge_registry, "_REGISTRY", dict(merge_registry._REGISTRY))
+    with pytest.raises(ValueError, match=r"requires unknown inputs \['mask'\]"):
+        register("masked", MethodParams, "masked sum", requires=("mask",))
+    register_input("mask", "masks", "{module: out×in 0/1 mask} per adapter", lambda masks, adapter, shapes: masks)
+
+    @register("masked", MethodParams, "Σ_i mask_i ⊙ ΔW_i", requires=("mask",))
+    def masked(inputs, params):
+        deltas = [m * inputs.delta(t) for t, m in enumerate(inputs.extra("mask"))]
+        return MergedModule(inputs.name, delta=sum(deltas))
+
+    class Clashing(MethodParams):
+        mask: float = 1.0
+
+    with pytest.raises(ValueError, match=r"hyper-parameters \['mask'\] are named like merge inputs"):
+        register("clashing", Clashing, "x")
+    adapters = random_adapters(2)
+    g = torch.Generator().manual_seed(0)
+    masks = [{m: (torch.rand(s, generator=g) > 0.5).float() for m, s in SHAPES.items()} for _ in adapters]
+    merged = merged_dense(merge_adapters(adapters, "masked", mask={a.name: m for a, m in zip(adapters, masks)}))
+    for module in SHAPES:
+        expected = sum(m[module].double().numpy() * d for m, d in zip(masks, dense_deltas(adapters, module)))
+        np.testing.assert_allclose(merged[module], expected, atol=ATOL)
+    with pytest.raises(ValueError, match=r"needs mask= \(\{module: out×in 0/1 mask\} per adapter\)"):
+        merge_adapters(adapters, "masked")
+    with pytest.raises(ValueError, match="does not use mask="):
+        merge_adapters(adapters, "average", mask=masks)
+    with pytest.raises(ValueError, match=r"1 masks given for 2 adapters"):
+        merge_adapters(adapters, "masked", mask=masks[:1])
 
 
 # --- input validation ------------------------------------------------------------------------------------

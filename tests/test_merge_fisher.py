@@ -7,15 +7,9 @@ from helpers_merge import tiny_bert, token_batch, trained_like_peft_bert
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from osrm_lora.adapters import LoraAdapter
-from osrm_lora.merge import (
-    apply_to_model,
-    estimate_fisher,
-    load_fisher,
-    load_head,
-    merge_adapters,
-    save_fisher,
-)
+from osrm_lora.merge import apply_to_model, load_head, merge_adapters
 from osrm_lora.modules import find_target_modules, weight_out_in
+from osrm_lora.runtime.fisher import estimate_fisher, load_fisher, save_fisher
 
 
 def brute_force_fisher(model, batches, targets, log_likelihood):

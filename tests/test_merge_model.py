@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from osrm_lora.adapters import LoraAdapter, LoraFactors
+from osrm_lora.evaluate import EvaluationModel
 from osrm_lora.merge import (
     apply_to_model,
     get_method,
@@ -19,11 +20,11 @@ from osrm_lora.merge import (
     merge_adapters,
     save_adapter,
     save_merged_model,
-    target_weights,
     to_adapter,
     truncate_dense,
     truncate_factors,
 )
+from osrm_lora.runtime.weights import target_weights, task_head
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,26 @@ def test_single_adapter_merge_reproduces_the_peft_model(saved_adapters):
     assert len(written) == 4  # query and value of two layers
     assert sorted(load_head(model, merged.adapters["sst"])) == ["classifier.bias", "classifier.weight"]
     torch.testing.assert_close(logits(model, batch), logits(models["sst"], batch), atol=1e-5, rtol=1e-4)
+
+
+def test_evaluation_model_dresses_and_restores_like_apply_to_model(saved_adapters):
+    """The evaluator's W0 + ΔW and head swap give the PEFT model's logits; restore gives back the base model."""
+    models, paths = saved_adapters
+    model = tiny_bert(0)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    evaluator = EvaluationModel(model, tokenizer=None, name="tiny")
+    batch = token_batch(0)
+    for name in ("sst", "rte", "sst"):  # re-dressing never adds an update twice
+        adapter = LoraAdapter.load(paths[name])
+        dressed = evaluator.apply(adapter.deltas(), task_head(adapter), source=f"adapter {name}")
+        torch.testing.assert_close(logits(dressed, batch), logits(models[name], batch), atol=1e-5, rtol=1e-4)
+    evaluator.restore()
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    wrong = {"bert.encoder.layer.0.attention.self.query": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=r"adapter x: module bert\.encoder\.layer\.0\.attention\.self\.query: update"):
+        evaluator.apply(wrong, {}, source="adapter x")
+    with pytest.raises(ValueError, match=r"adapter x: module nope: no linear layer"):
+        evaluator.apply({"nope": torch.zeros(3, 3)}, {}, source="adapter x")
 
 
 def test_gpt2_conv1d_weights_get_the_transposed_update():

@@ -130,7 +130,7 @@ def collect_task_stats(
     from .modules import default_target_modules
 
     if isinstance(model_name_or_model, (str, os.PathLike)):
-        from .train import load_model_and_tokenizer
+        from .runtime.models import load_model_and_tokenizer
 
         name = str(model_name_or_model)
         model, loaded_tokenizer = load_model_and_tokenizer(

@@ -114,14 +114,6 @@ def evaluate_task(
     return {k: float(v) for k, v in compute_metrics(spec, predictions, labels).items()}
 
 
-def task_head(adapter) -> dict[str, torch.Tensor]:
-    """An adapter's extra tensors (PEFT modules_to_save: the task head), keyed by base-model parameter."""
-    from .merge.apply import MODULES_TO_SAVE
-    from .modules import base_name
-
-    return {MODULES_TO_SAVE.sub("", base_name(key)): value for key, value in adapter.extra.items()}
-
-
 class EvaluationModel:
     """One base model kept in memory and re-dressed for each evaluation: target weights ``W0 + ΔW``, a head.
 
@@ -134,14 +126,15 @@ class EvaluationModel:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        self._modules = dict(model.named_modules())
         self._params = dict(model.named_parameters())
-        self._original: dict[str, torch.Tensor] = {}
+        self._layers: dict[str, torch.nn.Module] = {}  # every target layer dressed so far
+        self._base: dict[str, torch.Tensor] = {}  # and its W0 (out×in), kept to restore and re-dress
+        self._dressed: set[str] = set()
         self._original_head: dict[str, torch.Tensor] = {}
 
     @classmethod
     def load(cls, model_name: str, spec, trust_remote_code: bool = False) -> EvaluationModel:
-        from .train import load_model_and_tokenizer
+        from .runtime.models import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(model_name, spec, trust_remote_code=trust_remote_code)
         return cls(model.eval(), tokenizer, model_name)
@@ -151,39 +144,30 @@ class EvaluationModel:
         from .modules import weight_out_in
 
         with torch.no_grad():
-            for module, weight in self._original.items():
-                weight_out_in(self._modules[module]).copy_(weight)
+            for module in self._dressed:
+                weight_out_in(self._layers[module]).copy_(self._base[module])
             for key, value in self._original_head.items():
                 self._params[key].data = value
-        self._original.clear()
+        self._dressed.clear()
         self._original_head.clear()
 
     def apply(
         self, deltas: dict[str, torch.Tensor], head: dict[str, torch.Tensor], *, source: str = "adapter"
     ):
         """Set each target module to ``W0 + delta`` and the head to `head`; returns the dressed model."""
-        from .modules import is_linear, weight_out_in
+        from .runtime.weights import linear_layers, target_weights, write_update
 
         self.restore()
         unknown = sorted(k for k in head if k not in self._params)
         if unknown:
             raise AdapterError(f"{source}: head tensors {unknown[:3]} are not parameters of {self.name!r}")
+        new = [m for m in deltas if m not in self._layers]
+        self._layers.update(linear_layers(self.model, new, source=f"{source}: "))
+        self._base.update(target_weights(self.model, new))
+        for module, delta in deltas.items():
+            write_update(self._layers[module], delta, self._base[module], where=f"{source}: module {module}")
+            self._dressed.add(module)
         with torch.no_grad():
-            for module, delta in deltas.items():
-                layer = self._modules.get(module)
-                layer = getattr(layer, "base_layer", layer)
-                if layer is None or not is_linear(layer):
-                    raise AdapterError(
-                        f"{source}: module {module} is not a linear layer of model {self.name!r}"
-                    )
-                weight = weight_out_in(layer)
-                if tuple(weight.shape) != tuple(delta.shape):
-                    raise AdapterError(
-                        f"{source}: module {module}: update is {tuple(delta.shape)} but the model weight is "
-                        f"{tuple(weight.shape)} (out×in)"
-                    )
-                self._original[module] = weight.detach().clone()
-                weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
             for key, value in head.items():
                 param = self._params[key]
                 self._original_head[key] = param.data

@@ -258,7 +258,7 @@ class MergeConfig(_Strict):
     def _gram_source(self) -> MergeConfig:
         from .merge.registry import get_method
 
-        if "gram" not in get_method(self.method).requires:
+        if "stats" not in get_method(self.method).requires:
             if self.grams is not None:
                 raise ValueError(f"merge method {self.method!r} uses no Gram matrices; remove 'grams'")
         elif self.grams is None:

@@ -38,8 +38,6 @@ from typing import Any, Literal
 import torch
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
 from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
     DataCollatorWithPadding,
     PrinterCallback,
     Trainer,
@@ -56,10 +54,11 @@ from .errors import TrainingError
 from .inits import InitSpec, get_init, list_inits
 from .io import atomic_dir, load_tensors, save_tensors, write_json
 from .modules import default_target_modules, find_target_modules
+from .runtime.models import load_model_and_tokenizer
 from .settings import LoraSettings, TrainingSettings
 from .stats import TaskStats, model_config_hash
 from .subspace import Subspace, SubspaceMismatchError, subspace_from_others
-from .tasks import Task, TaskSpec, compute_metrics, resolve_model_path, tokenize
+from .tasks import Task, TaskSpec, compute_metrics, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -105,33 +104,6 @@ def subspace_fingerprint(subspace: Subspace) -> str:
         digest.update(f"{module}:{tuple(basis.shape)};".encode())
         digest.update(basis.numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def load_model_and_tokenizer(model_name: str, spec: TaskSpec, trust_remote_code: bool = False):
-    """A float32 sequence-classification model sized for the task's labels, and its tokenizer.
-
-    Decoders without a pad token pad with eos; the model config gets that id, so its head reads the last real
-    token of each padded sequence.
-    """
-    path = resolve_model_path(model_name)
-    labels = ["score"] if spec.is_regression else list(spec.label_names)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        problem_type="regression" if spec.is_regression else "single_label_classification",
-        trust_remote_code=trust_remote_code,
-        dtype=torch.float32,
-    )
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"model {model_name!r}: the tokenizer has neither a pad nor an eos token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
 
 
 def start_regression_head_at_mean(model: torch.nn.Module, labels: Sequence[float]) -> float | None:

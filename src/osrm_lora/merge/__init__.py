@@ -7,21 +7,25 @@
     merge_checkpoint_sharded("base/", adapters, "ties", "merged/", density=0.2)  # models larger than memory
 
 `list_methods()` documents every method and hyper-parameter; `merge_sweep` evaluates a λ grid from one merge.
+Each name is imported from its module on first use, so `merge.registry` (and experiment validation) loads
+without torch.
 """
 
-from .apply import apply_to_model, load_head, save_merged_model, target_weights
-from .engine import Merged, load_adapters, merge_adapters, merge_sweep
-from .export import AdapterExport, save_adapter, to_adapter
-from .fisher_estimate import estimate_fisher, load_fisher, save_fisher
-from .lowrank import Truncation, truncate_dense, truncate_factors
-from .registry import MethodParams, MethodSpec, get_method, list_methods, register
-from .sharded import ShardedMerge, merge_checkpoint_sharded
-from .types import MergedModule, ModuleInputs
+from .._lazy import lazy_exports
 
 __all__ = [
-    "AdapterExport", "Merged", "MergedModule", "MethodParams", "MethodSpec", "ModuleInputs", "ShardedMerge",
-    "Truncation", "apply_to_model", "estimate_fisher", "get_method", "list_methods", "load_adapters",
-    "load_fisher", "load_head", "merge_adapters", "merge_checkpoint_sharded", "merge_sweep", "register",
-    "save_adapter", "save_fisher", "save_merged_model", "target_weights", "to_adapter", "truncate_dense",
-    "truncate_factors",
+    "AdapterExport", "InputKind", "Merged", "MergedModule", "MethodParams", "MethodSpec", "ModuleInputs",
+    "ShardedMerge", "Truncation", "apply_to_model", "get_method", "list_methods", "load_adapters", "load_head",
+    "merge_adapters", "merge_checkpoint_sharded", "merge_sweep", "register", "register_input", "save_adapter",
+    "save_merged_model", "to_adapter", "truncate_dense", "truncate_factors",
 ]
+__getattr__ = lazy_exports(__name__, {
+    ".apply": ["apply_to_model", "load_head", "save_merged_model"],
+    ".engine": ["Merged", "load_adapters", "merge_adapters", "merge_sweep"],
+    ".export": ["AdapterExport", "save_adapter", "to_adapter"],
+    ".inputs": ["InputKind", "register_input"],
+    ".lowrank": ["Truncation", "truncate_dense", "truncate_factors"],
+    ".registry": ["MethodParams", "MethodSpec", "get_method", "list_methods", "register"],
+    ".sharded": ["ShardedMerge", "merge_checkpoint_sharded"],
+    ".types": ["MergedModule", "ModuleInputs"],
+})

@@ -1,14 +1,13 @@
 """Writing merged updates into a plain transformers model, loading task heads, saving merged models.
 
-The merged layer is W0 + ΔW_merged, written into the target linear weights (GPT-2's Conv1D stores its weight
-in×out, so the update is transposed). Modules are applied one at a time as the lazy merge yields them. The
-classification heads (PEFT's `modules_to_save`) are not merged: each task keeps its own and `load_head` puts
-it into the model before that task is served.
+The merged layer is W0 + ΔW_merged, written into the target linear weights by `runtime.weights`. Modules
+are applied one at a time as the lazy merge yields them. The classification heads (PEFT's
+`modules_to_save`) are not merged: each task keeps its own and `load_head` puts it into the model before
+that task is served.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -17,32 +16,10 @@ from torch import nn
 
 from ..adapters import LoraAdapter
 from ..io import atomic_dir, write_json
-from ..modules import base_name, is_linear, weight_out_in
+from ..modules import base_name
+from ..runtime.weights import head_parameters, linear_layers, write_update
 from .engine import Merged
 from .types import MergedModule
-
-MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
-
-
-def _linear_layers(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    if hasattr(model, "peft_config"):
-        raise ValueError(
-            "apply merged updates to a plain transformers model, not a PeftModel (its LoRA layers would add "
-            "their own updates on top)"
-        )
-    by_name = {base_name(n): m for n, m in model.named_modules()}
-    layers = {}
-    for name in names:
-        layer = by_name.get(name)
-        if layer is None or not is_linear(layer):
-            raise ValueError(f"module {name}: no linear layer of that name in {type(model).__name__}")
-        layers[name] = layer
-    return layers
-
-
-def target_weights(model: nn.Module, modules: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Copies of the current out×in weights of `modules`: the W0 to re-apply merges onto (λ sweeps, EMR tasks)."""
-    return {n: weight_out_in(layer).detach().clone() for n, layer in _linear_layers(model, modules).items()}
 
 
 @torch.no_grad()
@@ -56,18 +33,12 @@ def apply_to_model(
     base), else the model's current weight. `task` selects the per-task update of EMR merges. On an error
     part-way the model is left partly merged: reload it.
     """
-    modules = merged.modules if isinstance(merged, Merged) else None
-    layers = _linear_layers(model, modules) if modules is not None else None
+    layers = linear_layers(model, merged.modules) if isinstance(merged, Merged) else {}
     written = []
     for m in merged:
-        layer = layers[m.name] if layers is not None else _linear_layers(model, [m.name])[m.name]
-        weight = weight_out_in(layer)
-        delta = m.for_task(task)
-        if tuple(delta.shape) != tuple(weight.shape):
-            raise ValueError(f"module {m.name}: merged update is {tuple(delta.shape)} but the weight is "
-                             f"{tuple(weight.shape)} (out×in)")
-        base = base_weights[m.name] if base_weights is not None else weight
-        weight.copy_((base.to(torch.float32) + delta.to(device=weight.device, dtype=torch.float32)).to(weight.dtype))
+        layer = layers[m.name] if m.name in layers else linear_layers(model, [m.name])[m.name]
+        base = base_weights[m.name] if base_weights is not None else None
+        write_update(layer, m.for_task(task), base, where=f"module {m.name}")
         written.append(m.name)
     return written
 
@@ -78,9 +49,8 @@ def load_head(model: nn.Module, adapter: LoraAdapter) -> list[str]:
     params = {base_name(n): p for n, p in model.named_parameters()}
     params.update({base_name(n): b for n, b in model.named_buffers()})
     pairs = []
-    for key, value in adapter.extra.items():
-        name = MODULES_TO_SAVE.sub("", base_name(key))
-        target = params.get(name)
+    for name, key in head_parameters(adapter).items():
+        target, value = params.get(name), adapter.extra[key]
         if target is None:
             raise ValueError(f"adapter {adapter.name!r}: tensor {key} has no parameter {name} in the model")
         if tuple(target.shape) != tuple(value.shape):
@@ -90,8 +60,7 @@ def load_head(model: nn.Module, adapter: LoraAdapter) -> list[str]:
         pairs.append((name, target, value))
     for _, target, value in pairs:  # only once every tensor fits, so a refused head changes nothing
         target.copy_(value.to(device=target.device, dtype=target.dtype))
-    loaded = [name for name, _, _ in pairs]
-    return loaded
+    return [name for name, _, _ in pairs]
 
 
 def save_merged_model(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..adapters import LoraAdapter, LoraFactors, check_compatible
-from ..stats import TaskStats
+from .inputs import input_kinds
 from .registry import MethodParams, MethodSpec, get_method
 from .types import MergedModule, ModuleInputs, resolve_weights
 
@@ -160,56 +160,36 @@ class Merged:
 
 
 def merge_adapters(
-    adapters: Sequence[AdapterLike], method: str, *, stats: PerTask | None = None,
-    fisher: PerTask | None = None, device: str | torch.device | None = None, **hyperparams: Any,
+    adapters: Sequence[AdapterLike], method: str, *, device: str | torch.device | None = None, **options: Any
 ) -> Merged:
     """Merge LoRA adapters (objects or PEFT folders) with a registered method; returns a lazy `Merged`.
 
-    `stats` (TaskStats per adapter: RegMean's Gram matrices) and `fisher` ({module: out×in diagonal Fisher}
-    per adapter) are given in adapter order or as a mapping by adapter name. Everything is validated here,
-    before any module is merged; errors name the adapter, the module and the mismatch.
+    `options` are the method's hyper-parameters and, under their input kind's name, the per-task inputs
+    it requires (`merge.inputs`: ``stats=`` TaskStats for RegMean's Gram matrices, ``fisher=``
+    {module: out×in diagonal Fisher}), each given in adapter order or as a mapping by adapter name.
+    Everything is validated here, before any module is merged; errors name the adapter, the module and
+    the mismatch.
     """
     spec = get_method(method)
-    params = spec.parse(hyperparams)
+    kinds = input_kinds()
+    given = {k: v for k, v in options.items() if k in kinds and v is not None}
+    params = spec.parse({k: v for k, v in options.items() if k not in kinds})
     loaded = load_adapters(adapters)
     tasks = [a.name for a in loaded]
     if "weights" in spec.params.model_fields:
         resolve_weights(params.weights, len(loaded))  # type: ignore[attr-defined]
+    for name in spec.requires:
+        if name not in given:
+            raise ValueError(f"merge method {method!r} needs {name}= ({kinds[name].hint})")
+    for name in given:
+        if name not in spec.requires:
+            raise ValueError(f"merge method {method!r} does not use {name}=")
     shapes = {m: (f.B.shape[0], f.A.shape[1]) for m, f in loaded[0].modules.items()}
-    extras: dict[str, list[Mapping[str, torch.Tensor]]] = {}
-    given = {"gram": stats, "fisher": fisher}
-    for key in spec.requires:
-        if given[key] is None:
-            needed = "stats= (TaskStats per adapter)" if key == "gram" else "fisher= (per-adapter Fisher diagonals)"
-            raise ValueError(f"merge method {method!r} needs {needed}")
-    for key, value in given.items():
-        if value is not None and key not in spec.requires:
-            raise ValueError(f"merge method {method!r} does not use {'stats' if key == 'gram' else key}=")
-    if stats is not None:
-        extras["gram"] = [_grams(s, name, shapes) for s, name in zip(_per_task(stats, tasks, "statistics"), tasks)]
-    if fisher is not None:
-        extras["fisher"] = [
-            _check_fisher(f, name, shapes) for f, name in zip(_per_task(fisher, tasks, "Fisher diagonals"), tasks)
-        ]
+    extras = {}
+    for name, value in given.items():
+        kind = kinds[name]
+        extras[name] = [kind.provide(v, task, shapes) for v, task in zip(_per_task(value, tasks, kind.what), tasks)]
     return Merged(spec, params, loaded, extras, torch.device(device) if device is not None else None)
-
-
-def _grams(stats: TaskStats, adapter: str, shapes: dict[str, tuple[int, int]]) -> Mapping[str, torch.Tensor]:
-    stats.check_matches(modules={m: d_in for m, (_, d_in) in shapes.items()}, source=f"statistics for adapter {adapter!r}")
-    return stats.second
-
-
-def _check_fisher(
-    fisher: Mapping[str, torch.Tensor], adapter: str, shapes: dict[str, tuple[int, int]]
-) -> Mapping[str, torch.Tensor]:
-    for m, shape in shapes.items():
-        if m not in fisher:
-            raise ValueError(f"Fisher diagonal of adapter {adapter!r} has no module {m}")
-        if tuple(fisher[m].shape) != tuple(shape):
-            raise ValueError(
-                f"Fisher diagonal of adapter {adapter!r}, module {m}: shape {tuple(fisher[m].shape)} != out×in {shape}"
-            )
-    return fisher
 
 
 def merge_sweep(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .._registry import describe_fields, parse_options, unknown_name
+from .inputs import check_requires
 from .types import MergedModule, ModuleInputs
 
 if TYPE_CHECKING:
@@ -76,7 +77,9 @@ def register(
     name: str, params: type[MethodParams], summary: str, *, requires: tuple[str, ...] = (),
     exact_low_rank: bool = False, totals: TotalsFn | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Decorator: register `fn(inputs, params) -> MergedModule` as merge method `name`."""
+    """Decorator: register `fn(inputs, params) -> MergedModule` as merge method `name`; every name in
+    `requires` must be a registered input kind (`merge.inputs`)."""
+    check_requires(name, requires, params.model_fields)
 
     def wrap(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:

@@ -41,7 +41,7 @@ class RegMeanParams(ScaledParams):
 
 @register(
     "regmean", RegMeanParams, "RegMean (Jin et al. 2023): (Σ ΔW_i G_i)(Σ G_i)⁻¹ with input Grams; exact low rank.",
-    requires=("gram",), exact_low_rank=True,
+    requires=("stats",), exact_low_rank=True,
 )
 def regmean(inputs: ModuleInputs, params: RegMeanParams) -> MergedModule:
     # Shrinkage is linear, so Σ G̃_i = shrink(Σ G_i) and A_i G̃_i = α A_i G_i + (1−α) A_i diag(G_i):
@@ -49,7 +49,7 @@ def regmean(inputs: ModuleInputs, params: RegMeanParams) -> MergedModule:
     d_in = inputs.shape[1]
     total = torch.zeros(d_in, d_in, dtype=torch.float64, device=inputs.factors[0].A.device)
     projected = []
-    for f, gram in zip(inputs.factors, inputs.extra("gram")):
+    for f, gram in zip(inputs.factors, inputs.extra("stats")):
         A, G = f.A.double(), gram.double()
         projected.append(params.alpha * (A @ G) + (1.0 - params.alpha) * A * torch.diagonal(G))
         total.add_(G)

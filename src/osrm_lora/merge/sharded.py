@@ -37,9 +37,8 @@ from safetensors.torch import save_file
 from transformers.utils.hub import convert_file_size_to_int
 
 from ..io import OsrmFileError, atomic_dir, write_json
-from ..modules import base_name
-from .apply import MODULES_TO_SAVE
-from .engine import AdapterLike, Merged, PerTask, merge_adapters
+from ..runtime.weights import head_parameters
+from .engine import AdapterLike, Merged, merge_adapters
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -192,7 +191,7 @@ def _head_tensors(
         raise ValueError(f"heads_from={heads_from!r} is not one of the merged adapters {merged.tasks}")
     adapter = merged.adapters[heads_from]
     entries = {e.name: e for e in layout}
-    wanted = {MODULES_TO_SAVE.sub("", base_name(key)): key for key in adapter.extra}
+    wanted = head_parameters(adapter)
     names = match_names(list(wanted), list(entries), f"head of adapter {heads_from!r}, tensor")
     heads = {}
     for param, key in wanted.items():
@@ -280,30 +279,28 @@ def merge_checkpoint_sharded(
     max_shard_size: int | str = "2GB",
     task: str | None = None,
     heads_from: str | None = None,
-    stats: PerTask | None = None,
-    fisher: PerTask | None = None,
     device: str | torch.device | None = None,
-    **hyperparams: Any,
+    **options: Any,
 ) -> ShardedMerge:
     """Write base checkpoint + merged LoRA updates as a sharded safetensors model folder, tensor by tensor.
 
-    `adapters` are LoraAdapter objects or PEFT folders merged with `method` and `hyperparams` (as in
-    `merge_adapters`, with its `stats`, `fisher` and `device`), or an existing `Merged` (then `method` is
-    None). `task` picks the task of a per-task (EMR) merge; `heads_from` writes that adapter's task head
-    over the checkpoint's. Every module, head and shape is matched against the checkpoint's headers before
-    any tensor is read. The output loads with `from_pretrained(out_dir)`.
+    `adapters` are LoraAdapter objects or PEFT folders merged with `method`, `device` and `options` (as in
+    `merge_adapters`: the method's per-task inputs such as `stats=` and its hyper-parameters), or an
+    existing `Merged` (then `method` is None). `task` picks the task of a per-task (EMR) merge; `heads_from`
+    writes that adapter's task head over the checkpoint's. Every module, head and shape is matched against
+    the checkpoint's headers before any tensor is read. The output loads with `from_pretrained(out_dir)`.
     """
     base, out = Path(base_dir), Path(out_dir)
     if out.resolve() == base.resolve():
         raise ValueError(f"{out}: the merged model must go to another folder than the base checkpoint")
     if isinstance(adapters, Merged):
-        if method is not None or stats is not None or fisher is not None or device is not None or hyperparams:
+        if method is not None or device is not None or options:
             raise ValueError("pass method and its options only with adapters, not with an existing Merged")
         merged = adapters
     else:
         if method is None:
             raise ValueError("give the merge method")
-        merged = merge_adapters(adapters, method, stats=stats, fisher=fisher, device=device, **hyperparams)
+        merged = merge_adapters(adapters, method, device=device, **options)
     if merged.per_task and task not in merged.tasks:
         raise ValueError(f"merge method {merged.method!r} keeps per-task updates: pass task= one of {merged.tasks}"
                          f" (got {task!r})")
