@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from osrm_lora import train as train_module
-from osrm_lora.pipeline import Experiment, run_experiment
+from osrm_lora.pipeline import run_experiment
+from osrm_lora.pipeline.context import Context
 from osrm_lora.settings import ConfigError, load_experiment, parse_demo, parse_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,7 +280,8 @@ def test_fisher_and_regmean_merges_equal_the_library_on_fine_tuned_statistics(
     """Fisher diagonals and RegMean Grams are estimated on each fine-tuned model (a PEFT model here, the
     pipeline's dressed base model there), cached, and the merges equal `merge_adapters` on those files."""
     from osrm_lora.adapters import LoraAdapter
-    from osrm_lora.merge import estimate_fisher, load_fisher, merge_adapters
+    from osrm_lora.merge import merge_adapters
+    from osrm_lora.runtime.fisher import estimate_fisher, load_fisher
     from osrm_lora.stats import TaskStats, collect_stats
     from osrm_lora.tasks import get_task, make_dataloader
 
@@ -296,7 +298,7 @@ def test_fisher_and_regmean_merges_equal_the_library_on_fine_tuned_statistics(
     assert [m.grams for m in config.merge] == [None, "finetuned", "base"]
 
     evaluated = {}  # (label, init, task) -> the merged deltas the pipeline evaluated
-    real_evaluate = Experiment._evaluate
+    real_evaluate = Context.evaluate
 
     def record(self, task_name, deltas, head, source):
         if source.startswith("merge "):
@@ -304,7 +306,7 @@ def test_fisher_and_regmean_merges_equal_the_library_on_fine_tuned_statistics(
             evaluated[(label, init, task_name)] = {m: d.clone() for m, d in deltas.items()}
         return real_evaluate(self, task_name, deltas, head, source)
 
-    monkeypatch.setattr(Experiment, "_evaluate", record)
+    monkeypatch.setattr(Context, "evaluate", record)
     summary = run_experiment(config, progress=False)
     ran = {k: len(v.ran) for k, v in summary.stages.items()}
     assert ran == {**{k: 0 for k in UNITS}, "fisher": 4, "grams": 4, "merge": 6, "report": 1}
@@ -361,7 +363,7 @@ def test_fisher_and_regmean_merges_equal_the_library_on_fine_tuned_statistics(
                 for m, delta in deltas.items():
                     torch.testing.assert_close(got[m], delta, rtol=1e-4, atol=1e-6 * float(delta.abs().max()))
 
-    monkeypatch.setattr(Experiment, "_evaluate", real_evaluate)
+    monkeypatch.setattr(Context, "evaluate", real_evaluate)
     again = run_experiment(config, progress=False)
     assert not again.ran_anything
     assert (len(again.stages["fisher"].skipped), len(again.stages["grams"].skipped)) == (4, 4)
@@ -398,7 +400,7 @@ def test_content_digest_ignores_safetensors_metadata_order(tmp_path):
     from safetensors.torch import save_file
 
     from osrm_lora.io import load_tensors, sha256_file
-    from osrm_lora.pipeline import content_digest
+    from osrm_lora.pipeline.cache import content_digest
 
     tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}
     save_file(tensors, str(tmp_path / "x.safetensors"), metadata={f"k{i}": str(i) for i in range(8)})

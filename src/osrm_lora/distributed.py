@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -109,6 +109,7 @@ def collect_task_stats(
     target_modules: str | Sequence[str] | None = None,
     out_path: str | os.PathLike | None = None,
     model_id: str | None = None,
+    extra: Mapping[str, str] | None = None,
     dtype: torch.dtype = torch.float32,
     model_dtype: torch.dtype | None = None,
     offload_to_cpu: bool = False,
@@ -125,7 +126,8 @@ def collect_task_stats(
     classification head, float32) onto this rank's device, with its tokenizer; a model object is used
     where it is, and then `tokenizer` is required. `model_dtype` (e.g. torch.bfloat16) casts a loaded model
     to halve its accelerator memory; the sums still accumulate in `dtype`. `target_modules=None` targets
-    the model type's query and value projections.
+    the model type's query and value projections. `extra` adds entries to the saved `stats.extra` (which
+    already records the split, seed, sample size and max_length).
     """
     from .modules import default_target_modules
 
@@ -160,6 +162,7 @@ def collect_task_stats(
     stats.extra.update(
         {"split": split, "examples": str(len(data)), "seed": str(seed), "max_length": str(max_length)}
     )
+    stats.extra.update(extra or {})
     if out_path is not None:
         if is_main():
             stats.save(Path(out_path))
