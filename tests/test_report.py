@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 
-from osrm_lora.evaluate import average, normalised_average, normalised_scores
 from osrm_lora.report import (
     RESULTS_FORMAT,
     ResultsError,
@@ -18,6 +17,7 @@ from osrm_lora.report import (
     table_markdown,
     write_report,
 )
+from osrm_lora.scores import average, normalised_average, normalised_scores
 
 TASKS = ["alpha", "beta", "gamma"]
 INITS = ["gaussian", "osrm"]

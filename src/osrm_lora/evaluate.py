@@ -1,43 +1,13 @@
-"""Scoring a model on a task's evaluation split, and the paper's score aggregates.
+"""Scoring a model on a task's evaluation split with the task's own metric on its primary score.
 
-A model is scored with the task's own metric on its primary score. Merged models are compared to the
-individually fine-tuned adapters through the *normalised* score (merged / individual, per task), which
-removes the differences in task difficulty before averaging (as in the OSRM and TIES papers).
+The aggregates over tasks (average, normalised scores) are in `osrm_lora.scores`, which needs no torch.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
-from collections.abc import Mapping
-
 import torch
 
 from .errors import AdapterError, EvaluationError
-
-
-def average(scores: Mapping[str, float]) -> float:
-    """Unweighted mean over tasks."""
-    if not scores:
-        raise EvaluationError("cannot average an empty set of task scores")
-    return statistics.fmean(float(v) for v in scores.values())
-
-
-def normalised_scores(merged: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, float]:
-    """merged[t] / individual[t] per task; NaN where the individual score is <= 0 (an MCC or a correlation at
-    or below chance gives a ratio with no meaning)."""
-    missing = sorted(set(merged) - set(individual))
-    if missing:
-        raise EvaluationError(f"no individual fine-tuned score for tasks {missing} to normalise by")
-    return {
-        t: (float(s) / float(individual[t]) if individual[t] > 0 else math.nan) for t, s in merged.items()
-    }
-
-
-def normalised_average(normalised: Mapping[str, float]) -> float:
-    """Mean of the defined (non-NaN) normalised scores; NaN when none is defined."""
-    defined = [float(v) for v in normalised.values() if not math.isnan(v)]
-    return statistics.fmean(defined) if defined else math.nan
 
 
 def predictions_from_logits(logits: torch.Tensor, regression: bool) -> torch.Tensor:

@@ -14,13 +14,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .errors import OsrmLoraError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class OsrmFileError(OsrmLoraError):
@@ -73,6 +74,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Save contiguous CPU tensors with string metadata, atomically."""
+    from safetensors.torch import save_file  # imports torch: only tensor files need it, not JSON and reports
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -91,6 +94,7 @@ def load_tensors(
         raise OsrmFileError(f"{path}: file not found")
     try:
         from safetensors import safe_open
+        from safetensors.torch import load_file
 
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})

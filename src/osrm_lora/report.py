@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OsrmLoraError
-from .evaluate import average, normalised_average, normalised_scores
 from .io import atomic_path, write_json, write_text
+from .scores import average, normalised_average, normalised_scores
 
 RESULTS_FORMAT = "osrm-lora/results/1"
 INDIVIDUAL = "individual"

@@ -11,9 +11,9 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
-import torch
 from pydantic import Field
 
+from .._lazy import torch
 from .registry import WeightedParams, register
 from .ties import disjoint_mean, elect_sign
 from .types import MergedModule, ModuleInputs, resolve_weights

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
+from .._lazy import torch
 from .registry import MethodParams, register
 from .types import MergedModule, ModuleInputs
 

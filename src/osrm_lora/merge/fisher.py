@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from pydantic import Field, field_validator
 
+from .._lazy import torch
 from .registry import ScaledParams, register
 from .types import MergedModule, ModuleInputs, resolve_weights
 

@@ -13,15 +13,17 @@ Trimming is per module (the paper trims the flattened whole-model blocks).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
-from ..adapters import LoraFactors
+from .._lazy import torch
 from .registry import WeightedParams, register
 from .ties import sign_consensus_merge
 from .types import MergedModule, ModuleInputs, resolve_weights
+
+if TYPE_CHECKING:
+    from ..adapters import LoraFactors
 
 RELATIVE_RANK_TOLERANCE = 1e-10
 
@@ -61,6 +63,8 @@ class KnotsParams(WeightedParams):
     exact_low_rank=True,
 )
 def knots(inputs: ModuleInputs, params: KnotsParams) -> MergedModule:
+    from ..adapters import LoraFactors
+
     weights = resolve_weights(params.weights, len(inputs.factors))
     U, S, Vts = concatenated_svd(inputs.factors)
     blocks = [S[:, None] * Vt for Vt in Vts]

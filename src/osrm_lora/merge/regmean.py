@@ -12,10 +12,9 @@ stacked B's and replaces each A_i by A_i G̃_i (ΣG̃)⁻¹ (rank ≤ Σ r_i, no
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
-from ..adapters import LoraFactors
+from .._lazy import torch
 from .registry import ScaledParams, register
 from .types import MergedModule, ModuleInputs
 
@@ -44,6 +43,8 @@ class RegMeanParams(ScaledParams):
     requires=("stats",), exact_low_rank=True,
 )
 def regmean(inputs: ModuleInputs, params: RegMeanParams) -> MergedModule:
+    from ..adapters import LoraFactors
+
     # Shrinkage is linear, so Σ G̃_i = shrink(Σ G_i) and A_i G̃_i = α A_i G_i + (1−α) A_i diag(G_i):
     # no shrunk Gram is ever formed.
     d_in = inputs.shape[1]

@@ -8,15 +8,20 @@ B = [λ w_1 s_1 B_1, …, λ w_T s_T B_T], represents it with no dense matrix an
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ..adapters import LoraFactors
+from .._lazy import torch
 from .registry import ScaledParams, WeightedParams, register
 from .types import MergedModule, ModuleInputs, resolve_weights
+
+if TYPE_CHECKING:
+    from ..adapters import LoraFactors
 
 
 def weighted_sum_factors(factors: list[LoraFactors], coefficients: list[float]) -> LoraFactors:
     """Exact factors of Σ_i c_i s_i B_i A_i: rows of A stacked, scaled columns of B side by side."""
+    from ..adapters import LoraFactors
+
     A = torch.cat([f.A for f in factors], dim=0)
     B = torch.cat([c * f.scale * f.B for f, c in zip(factors, coefficients)], dim=1)
     return LoraFactors(A, B, 1.0)

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from pydantic import Field
 
+from .._lazy import torch
 from .registry import WeightedParams, register
 from .types import MergedModule, ModuleInputs, resolve_weights
-
-# Non-negative IEEE floats sort like their bit patterns read as integers; the top 16 bits make the histogram.
-_BITS = {torch.float32: (torch.int32, 16), torch.float64: (torch.int64, 48)}
 
 
 def magnitude_threshold(tensor: torch.Tensor, keep: int) -> torch.Tensor:
@@ -30,10 +27,12 @@ def magnitude_threshold(tensor: torch.Tensor, keep: int) -> torch.Tensor:
 
     A radix select: histogram the top 16 bits of |value|, find the bucket holding the cut, and select within that
     bucket only; 2-3× faster than `kthvalue` over all entries at d = 2048-4096."""
+    # Non-negative IEEE floats sort like their bit patterns read as integers; the top 16 bits make the histogram.
+    bits_of = {torch.float32: (torch.int32, 16), torch.float64: (torch.int64, 48)}
     magnitude = tensor.abs().flatten()
-    if magnitude.dtype not in _BITS:
+    if magnitude.dtype not in bits_of:
         magnitude = magnitude.float()  # fp16/bf16 are exact in float32
-    int_dtype, shift = _BITS[magnitude.dtype]
+    int_dtype, shift = bits_of[magnitude.dtype]
     bits = magnitude.view(int_dtype)
     bucket = bits >> shift
     at_or_above = torch.bincount(bucket).flip(0).cumsum(0).flip(0)  # [b]: entries in buckets ≥ b

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import torch
+from .._lazy import torch
 
-from ..adapters import LoraFactors
+if TYPE_CHECKING:
+    from ..adapters import LoraFactors
 
 BLOCK_ELEMENTS = 1 << 22  # entries of one T×rows×in block of dense updates (16 MB in float32)
 
@@ -123,6 +125,8 @@ class MergedModule:
         if self.per_task:
             raise ValueError(f"module {self.name}: per-task (EMR) results have no global scaling")
         if self.factors is not None:
+            from ..adapters import LoraFactors
+
             f = self.factors
             return replace(self, factors=LoraFactors(f.A, f.B, f.scale * factor))
         return replace(self, delta=self.delta * factor)  # type: ignore[operator]
