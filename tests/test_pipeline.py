@@ -419,6 +419,55 @@ def test_content_digest_ignores_safetensors_metadata_order(tmp_path):
     assert content_digest(tmp_path / "z.safetensors") != content_digest(tmp_path / "x.safetensors")
 
 
+def test_cache_produces_only_the_pending_units_of_a_batch(tmp_path):
+    """One produce call for several units (a merge's λ grid): cached units are left out, each yielded unit
+    is recorded, and a unit the call never yields is an error."""
+    from osrm_lora.pipeline.cache import Cache, Unit
+    from osrm_lora.pipeline.keys import MergeKey
+    from osrm_lora.pipeline.layout import Layout
+
+    layout = Layout(tmp_path)
+    keys = [MergeKey("ta", "gaussian", 0, lam) for lam in (0.5, 1.0, 2.0)]
+    units = [Unit(k, {"lambda": k.lam}, [layout.merged(k)]) for k in keys]
+    calls = []
+
+    def produce(pending):
+        calls.append([u.key.lam for u in pending])
+        for unit in pending:
+            unit.outputs[0].parent.mkdir(parents=True, exist_ok=True)
+            unit.outputs[0].write_text(str(unit.key.lam))
+            yield unit
+
+    Cache(layout, {"merge": 1}).run("merge", units[1:2], produce)
+    cache = Cache(layout, {"merge": 1})
+    digests = cache.run("merge", units, produce)
+    assert calls == [[1.0], [0.5, 2.0]] and set(digests) == set(keys)
+    assert cache.status["merge"].skipped == ["ta/gaussian/seed0/lambda1"]
+    assert cache.status["merge"].ran == ["ta/gaussian/seed0/lambda0.5", "ta/gaussian/seed0/lambda2"]
+    assert (tmp_path / "manifests" / "merge" / "ta" / "gaussian" / "seed0" / "lambda2.json").is_file()
+    with pytest.raises(RuntimeError, match="without producing"):
+        Cache(layout, {"merge": 1}, force=["merge"]).run("merge", units, lambda pending: iter(pending[:1]))
+
+
+def test_stages_run_in_dependency_order_under_the_settings_names():
+    """The CLI validates --force against `settings.STAGES` (no torch); the pipeline's stage classes match it."""
+    from osrm_lora.pipeline.runner import dependency_order
+    from osrm_lora.pipeline.stages import STAGES, Stage
+    from osrm_lora.settings import STAGES as NAMES
+
+    assert [s.name for s in dependency_order(STAGES)] == list(NAMES)
+
+    def stage(name, needs=()):
+        return type(name, (Stage,), {"name": name, "needs": needs})()
+
+    a, b, c = stage("a", ("c",)), stage("b"), stage("c", ("b",))
+    assert [s.name for s in dependency_order([a, b, c])] == ["b", "c", "a"]
+    with pytest.raises(ValueError, match="need each other"):
+        dependency_order([stage("x", ("y",)), stage("y", ("x",))])
+    with pytest.raises(ValueError, match="unknown stage"):
+        dependency_order([stage("x", ("z",))])
+
+
 # ---------------------------------------------------------------------------------------------- configs
 
 
