@@ -27,16 +27,12 @@ from transformers import (
     TrainerCallback,
 )
 
+from osrm_lora.runtime.models import load_model_and_tokenizer
 from osrm_lora.settings import LoraSettings, TrainingSettings
 from osrm_lora.stats import TaskStats, model_config_hash
 from osrm_lora.subspace import subspace_from_others
 from osrm_lora.tasks import Task, TaskSpec
-from osrm_lora.train import (
-    finetune,
-    load_model_and_tokenizer,
-    resolve_precision,
-    start_regression_head_at_mean,
-)
+from osrm_lora.train import finetune, resolve_precision, start_regression_head_at_mean
 
 FILLERS = [f"w{i}" for i in range(16)]
 WORDS = ["good", "bad", *FILLERS]
