@@ -85,3 +85,18 @@ def test_report_rebuilds_without_torch(tmp_path):
         assert written and all(path.exists() for path in written.values())
     """, cwd=tmp_path)
 
+
+def test_cli_help_and_validation_without_torch():
+    """The app's help, every command's help, `run --validate-only` and the registry listings, in process."""
+    assert_torch_free("""
+        from typer.testing import CliRunner
+        from osrm_lora.cli import app
+        commands = ["run", "demo", "report", "stats", "init", "train", "merge", "eval", "interference", "data",
+                    "data list", "data fetch"]
+        calls = [["--help"], *([*c.split(), "--help"] for c in commands), ["train", "--list-inits"],
+                 ["merge", "--list"], ["run", "--validate-only", "examples/demo.yaml"]]
+        for args in calls:
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, (args, result.output)
+        assert result.stdout.strip() == "examples/demo.yaml: OK"
+    """)

@@ -387,3 +387,75 @@ def test_merge_full_model_writes_the_in_memory_merge_as_shards(tmp_path):
         str(tmp_path / "x"),
     )
     assert refused.exit_code == 2 and "--rank" in refused.plain
+
+
+def _error_line(result) -> str:
+    """The one `error: …` line a user error prints, with exit code 2 and no traceback."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)  # not a traceback
+    lines = [line for line in result.plain.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.plain
+    return lines[0]
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    """Paths that once gave a traceback or exit 1: a missing model, an unknown target module, a malformed
+    adapter_config.json, an unknown init."""
+    from pipeline_helpers import write_tasks, write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "model")
+    write_tasks(tmp_path / "data")
+    stats = ["--task", "topic", "--files", f"train={tmp_path / 'data' / 'topic_train.jsonl'}", "--task-option",
+             "text_column=sentence", "--out", str(tmp_path / "s.safetensors"), "--quiet"]
+    assert "no-such-model" in _error_line(invoke("stats", "--model", str(tmp_path / "no-such-model"), *stats))
+    line = _error_line(invoke("stats", "--model", str(model_dir), *stats, "--target-modules", "nope"))
+    assert "target_modules=['nope']" in line
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    _adapter("a", 0).save(tmp_path / "a")
+    line = _error_line(
+        invoke("merge", str(tmp_path / "a"), str(tmp_path / "bad"), "--method", "ties", "--out", str(tmp_path / "m"))
+    )
+    assert f"{tmp_path / 'bad' / 'adapter_config.json'}: not valid JSON" in line
+    line = _error_line(invoke("train", "--model", str(model_dir), "--task", "topic", "--init", "osrn", "--out", "x"))
+    assert "init 'osrn' is unknown; did you mean osrm" in line
+    assert not (tmp_path / "s.safetensors").exists() and not (tmp_path / "m").exists()
+
+
+def test_programming_errors_keep_their_traceback(monkeypatch):
+    import osrm_lora.tasks
+
+    def broken(glue_dir=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(osrm_lora.tasks, "list_tasks", broken)
+    result = invoke("data", "list")
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+
+def test_run_validate_only_checks_the_file_and_runs_nothing(tmp_path):
+    good = invoke("run", "--validate-only", str(REPO / "examples" / "demo.yaml"))
+    assert good.exit_code == 0 and good.stdout.strip() == f"{REPO / 'examples' / 'demo.yaml'}: OK"
+    data = experiment_dict("/nonexistent/model", [{"name": "a"}, {"name": "b"}])
+    data["merge"][1]["params"]["densty"] = 0.2
+    data["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    bad = invoke("run", "--validate-only", str(path))
+    assert bad.exit_code == 2 and "merge[1].params" in bad.plain and "densty" in bad.plain
+    assert not (tmp_path / "out").exists()
+    assert invoke("run", str(path), "--force", "merg").exit_code == 2  # a stage name is checked before running
+
+
+def test_train_lists_the_init_registry():
+    from osrm_lora.inits import list_inits
+
+    result = invoke("train", "--list-inits", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == json.loads(json.dumps(list_inits(), default=str))
+    table = invoke("train", "--list-inits").plain
+    help_text = invoke("train", "--help").plain
+    for init in list_inits():
+        assert init["name"] in table and init["name"] in help_text
+    assert "needs statistics" in table and "mutates base" in table
+    assert "--list-inits" in _error_line(invoke("train", "--task", "trec"))

@@ -64,7 +64,10 @@ class LoraAdapter:
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
             raise OsrmFileError(f"{path}: not a PEFT adapter folder ({CONFIG_NAME} missing)")
-        config = json.loads(config_file.read_text())
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise OsrmFileError(f"{config_file}: not valid JSON ({exc})") from None
         if config.get("peft_type", "LORA") != "LORA":
             raise OsrmFileError(f"{config_file}: peft_type {config.get('peft_type')!r} is not LORA")
         tensors, _ = load_tensors(path / WEIGHTS_NAME)

@@ -138,12 +138,12 @@ def _check_init(init: str, subspace: Subspace | None, other_stats: Sequence[Task
     spec = get_init(init)
     if spec.variants:
         if subspace is None and not other_stats:
-            raise ValueError(f"init={init!r} needs the task's subspace or the other tasks' statistics (other_stats)")
+            raise TrainingError(f"init={init!r} needs the task's subspace or the other tasks' statistics (other_stats)")
         if subspace is not None and other_stats:
-            raise ValueError(f"init={init!r}: pass either subspace or other_stats, not both")
+            raise TrainingError(f"init={init!r}: pass either subspace or other_stats, not both")
     elif subspace is not None or other_stats:
         takers = " and ".join(i["name"] for i in list_inits() if i["variants"])
-        raise ValueError(f"init={init!r} uses no subspace; subspace and other_stats are for {takers}")
+        raise TrainingError(f"init={init!r} uses no subspace; subspace and other_stats are for {takers}")
     return spec
 
 
@@ -161,7 +161,7 @@ def _init_subspace(
             f"of task {subspace.task!r} is {subspace.variant!r}"
         )
     if subspace.task != task_name:
-        raise ValueError(f"the subspace was computed for task {subspace.task!r}, not for task {task_name!r}")
+        raise SubspaceMismatchError(f"the subspace was computed for task {subspace.task!r}, not for task {task_name!r}")
     config_hash = model_config_hash(model)
     if subspace.config_hash != config_hash:
         raise SubspaceMismatchError(

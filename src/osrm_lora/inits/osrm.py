@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..errors import SubspaceError
 from .registry import InitOptions, InitSpec, register
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ def apply_subspace(peft_model: Any, subspace: Subspace | None, options: InitOpti
     from .osrm_tensors import osrm_init
 
     if subspace is None:
-        raise ValueError("the OSRM inits need the task's subspace")
+        raise SubspaceError("the OSRM inits need the task's subspace")
     osrm_init(peft_model, subspace)
 
 

@@ -14,6 +14,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from ..adapters import LoraAdapter, LoraFactors
+from ..errors import AdapterError
 from ..modules import base_name
 from ..stats import StatsMismatchError, model_config_hash
 from ..subspace import Subspace, SubspaceMismatchError
@@ -33,7 +34,7 @@ def _lora_layers(peft_model: torch.nn.Module, adapter_name: str) -> dict[str, Lo
         if adapter_name in module.lora_A:
             layers[base_name(name)] = module
     if not layers:
-        raise ValueError(f"{type(peft_model).__name__} has no LoRA layer for adapter {adapter_name!r}")
+        raise AdapterError(f"{type(peft_model).__name__} has no LoRA layer for adapter {adapter_name!r}")
     return layers
 
 

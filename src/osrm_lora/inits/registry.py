@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from .._registry import describe_fields, parse_options, unknown_name
+from ..errors import SubspaceError
 
 if TYPE_CHECKING:
     from ..subspace import Subspace
@@ -60,7 +61,7 @@ class InitSpec:
         if len(self.variants) == 1:
             return self.variants[0]
         if configured not in self.variants:
-            raise ValueError(f"init {self.name!r} takes a subspace of variant {' or '.join(self.variants)}, "
+            raise SubspaceError(f"init {self.name!r} takes a subspace of variant {' or '.join(self.variants)}, "
                              f"not {configured!r}")
         return configured
 

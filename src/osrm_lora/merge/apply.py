@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..adapters import LoraAdapter
+from ..errors import MergeError
 from ..io import atomic_dir, write_json
 from ..modules import base_name
 from ..runtime.weights import head_parameters, linear_layers, write_update
@@ -52,9 +53,9 @@ def load_head(model: nn.Module, adapter: LoraAdapter) -> list[str]:
     for name, key in head_parameters(adapter).items():
         target, value = params.get(name), adapter.extra[key]
         if target is None:
-            raise ValueError(f"adapter {adapter.name!r}: tensor {key} has no parameter {name} in the model")
+            raise MergeError(f"adapter {adapter.name!r}: tensor {key} has no parameter {name} in the model")
         if tuple(target.shape) != tuple(value.shape):
-            raise ValueError(
+            raise MergeError(
                 f"adapter {adapter.name!r}: tensor {key} is {tuple(value.shape)} but {name} is {tuple(target.shape)}"
             )
         pairs.append((name, target, value))
@@ -72,7 +73,7 @@ def save_merged_model(
     apply_to_model(model, merged, task)
     if heads_from is not None:
         if heads_from not in merged.adapters:
-            raise ValueError(f"heads_from={heads_from!r} is not one of the merged adapters {merged.tasks}")
+            raise MergeError(f"heads_from={heads_from!r} is not one of the merged adapters {merged.tasks}")
         load_head(model, merged.adapters[heads_from])
     path = Path(path)
     with atomic_dir(path) as tmp:

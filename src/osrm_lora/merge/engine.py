@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..adapters import LoraAdapter, LoraFactors, check_compatible
+from ..errors import MergeError
 from .inputs import input_kinds
 from .registry import MethodParams, MethodSpec, get_method
 from .types import MergedModule, ModuleInputs, resolve_weights
@@ -27,18 +28,18 @@ PerTask = Sequence[Any] | Mapping[str, Any]
 def load_adapters(adapters: Sequence[AdapterLike]) -> list[LoraAdapter]:
     """Adapters from objects or PEFT folders; names must be unique since they identify the tasks."""
     if not adapters:
-        raise ValueError("no adapters to merge")
+        raise MergeError("no adapters to merge")
     loaded = [a if isinstance(a, LoraAdapter) else LoraAdapter.load(Path(a)) for a in adapters]
     for i, a in enumerate(loaded):
         if not a.name:
             a.name = f"adapter{i}"
     for a in loaded:
         if a.config.get("use_dora"):
-            raise ValueError(f"adapter {a.name!r} is a DoRA adapter: its update is not s·B·A and cannot be merged here")
+            raise MergeError(f"adapter {a.name!r} is a DoRA adapter: its update is not s·B·A and cannot be merged here")
     names = [a.name for a in loaded]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"adapter names must be unique (they name the tasks); repeated: {duplicates}")
+        raise MergeError(f"adapter names must be unique (they name the tasks); repeated: {duplicates}")
     check_compatible(loaded)
     return loaded
 
@@ -48,11 +49,11 @@ def _per_task(values: PerTask, tasks: list[str], what: str) -> list[Any]:
     if isinstance(values, Mapping):
         missing = [t for t in tasks if t not in values]
         if missing:
-            raise ValueError(f"no {what} for adapters {missing} (have {sorted(values)})")
+            raise MergeError(f"no {what} for adapters {missing} (have {sorted(values)})")
         return [values[t] for t in tasks]
     values = list(values)
     if len(values) != len(tasks):
-        raise ValueError(f"{len(values)} {what} given for {len(tasks)} adapters {tasks}")
+        raise MergeError(f"{len(values)} {what} given for {len(tasks)} adapters {tasks}")
     return values
 
 
@@ -130,7 +131,7 @@ class Merged:
         """One module's merged update on demand, for writers that visit modules in their own order (checkpoint
         shards). Model-wide totals, for the methods that need them, are computed once and kept."""
         if name not in self.modules:
-            raise ValueError(f"module {name}: not one of the merged modules (e.g. {self.modules[:3]})")
+            raise MergeError(f"module {name}: not one of the merged modules (e.g. {self.modules[:3]})")
         if self._results is not None:
             return self._stored(next(r for r in self._results if r.name == name))
         if self.spec.needs_totals(self.params) and self._model_totals is None:
@@ -150,10 +151,10 @@ class Merged:
     def rescaled(self, scaling: float) -> Merged:
         """A materialized merge with λ replaced by `scaling` (exact: λ is a pure post-factor)."""
         if self._results is None or not self.spec.post_scale:
-            raise ValueError(f"merge method {self.method!r}: only a materialized post-scaled merge can be rescaled")
+            raise MergeError(f"merge method {self.method!r}: only a materialized post-scaled merge can be rescaled")
         base = self.params.scaling  # type: ignore[attr-defined]
         if base == 0:
-            raise ValueError("cannot rescale a merge computed with scaling=0")
+            raise MergeError("cannot rescale a merge computed with scaling=0")
         params = self.params.model_copy(update={"scaling": float(scaling)})
         return Merged(self.spec, params, list(self.adapters.values()), self._extras, self._device,
                       results=self._results, factor=float(scaling) / base)
@@ -180,10 +181,10 @@ def merge_adapters(
         resolve_weights(params.weights, len(loaded))  # type: ignore[attr-defined]
     for name in spec.requires:
         if name not in given:
-            raise ValueError(f"merge method {method!r} needs {name}= ({kinds[name].hint})")
+            raise MergeError(f"merge method {method!r} needs {name}= ({kinds[name].hint})")
     for name in given:
         if name not in spec.requires:
-            raise ValueError(f"merge method {method!r} does not use {name}=")
+            raise MergeError(f"merge method {method!r} does not use {name}=")
     shapes = {m: (f.B.shape[0], f.A.shape[1]) for m, f in loaded[0].modules.items()}
     extras = {}
     for name, value in given.items():
@@ -199,9 +200,9 @@ def merge_sweep(
     with a `scaling` hyper-parameter). The unscaled per-module results are kept in memory for the sweep."""
     spec = get_method(method)
     if not spec.post_scale:
-        raise ValueError(f"merge method {method!r} has no global scaling λ to sweep")
+        raise MergeError(f"merge method {method!r} has no global scaling λ to sweep")
     if "scaling" in kwargs:
-        raise ValueError("merge_sweep sets scaling itself from lambdas; do not pass scaling=")
+        raise MergeError("merge_sweep sets scaling itself from lambdas; do not pass scaling=")
     unscaled = merge_adapters(adapters, method, scaling=1.0, **kwargs).materialize()
     for lam in lambdas:
         yield float(lam), unscaled.rescaled(lam)

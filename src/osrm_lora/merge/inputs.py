@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..errors import MergeError
+
 if TYPE_CHECKING:
     import torch
 
@@ -76,9 +78,9 @@ def _fisher(fisher: Mapping[str, torch.Tensor], adapter: str, shapes: Shapes) ->
     """Each module's diagonal Fisher (out×in), as `runtime.fisher.estimate_fisher` gives it."""
     for m, shape in shapes.items():
         if m not in fisher:
-            raise ValueError(f"Fisher diagonal of adapter {adapter!r} has no module {m}")
+            raise MergeError(f"Fisher diagonal of adapter {adapter!r} has no module {m}")
         if tuple(fisher[m].shape) != tuple(shape):
-            raise ValueError(
+            raise MergeError(
                 f"Fisher diagonal of adapter {adapter!r}, module {m}: shape {tuple(fisher[m].shape)} != out×in {shape}"
             )
     return fisher

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers.utils.hub import convert_file_size_to_int
 
+from ..errors import MergeError
 from ..io import OsrmFileError, atomic_dir, write_json
 from ..runtime.weights import head_parameters
 from .engine import AdapterLike, Merged, merge_adapters
@@ -147,7 +148,7 @@ def match_names(wanted: Sequence[str], names: Sequence[str], what: str) -> dict[
         if key not in available:
             renamed = (f" (checkpoint names have {added!r} where the adapters have {dropped!r})"
                        if key != want else "")
-            raise ValueError(
+            raise MergeError(
                 f"{what} {want.removesuffix('.weight')}: no tensor {key} in the checkpoint{renamed}"
             )
         found[want] = key
@@ -158,7 +159,7 @@ def _fan_in_fan_out(merged: Merged) -> bool:
     """Whether the targeted weights are stored in×out (GPT-2 Conv1D), as every adapter's PEFT config says."""
     flags = {name: bool(a.config.get("fan_in_fan_out", False)) for name, a in merged.adapters.items()}
     if len(set(flags.values())) > 1:
-        raise ValueError(f"adapters disagree on fan_in_fan_out (weights stored in×out): {flags}")
+        raise MergeError(f"adapters disagree on fan_in_fan_out (weights stored in×out): {flags}")
     return next(iter(flags.values()))
 
 
@@ -175,7 +176,7 @@ def _module_tensors(merged: Merged, layout: Sequence[TensorEntry], transposed: b
         expected = out_in[::-1] if transposed else out_in
         if entries[key].shape != expected:
             layout_note = "in×out (fan_in_fan_out)" if transposed else "out×in"
-            raise ValueError(
+            raise MergeError(
                 f"module {m}: checkpoint tensor {key} ({entries[key].file}) is {entries[key].shape} but the "
                 f"merged update is out×in {out_in}, expected stored {layout_note} as {expected}"
             )
@@ -188,7 +189,7 @@ def _head_tensors(
 ) -> dict[str, tuple[str, torch.Tensor]]:
     """Checkpoint tensor name -> (adapter key, the head tensor replacing it), shapes checked."""
     if heads_from not in merged.adapters:
-        raise ValueError(f"heads_from={heads_from!r} is not one of the merged adapters {merged.tasks}")
+        raise MergeError(f"heads_from={heads_from!r} is not one of the merged adapters {merged.tasks}")
     adapter = merged.adapters[heads_from]
     entries = {e.name: e for e in layout}
     wanted = head_parameters(adapter)
@@ -197,7 +198,7 @@ def _head_tensors(
     for param, key in wanted.items():
         target, value = names[param], adapter.extra[key]
         if entries[target].shape != tuple(value.shape):
-            raise ValueError(
+            raise MergeError(
                 f"adapter {heads_from!r}: tensor {key} is {tuple(value.shape)} but checkpoint tensor "
                 f"{target} is {entries[target].shape}"
             )
@@ -255,7 +256,7 @@ def _merged_weight(weight: torch.Tensor, delta: torch.Tensor, transposed: bool, 
     """W0 + ΔW in float32 (float64 stays float64), stored back in W0's dtype and layout."""
     delta = delta.T if transposed else delta
     if tuple(delta.shape) != tuple(weight.shape):
-        raise ValueError(
+        raise MergeError(
             f"module {module}: merged update {tuple(delta.shape)} does not fit the stored weight "
             f"{tuple(weight.shape)}"
         )
@@ -292,21 +293,21 @@ def merge_checkpoint_sharded(
     """
     base, out = Path(base_dir), Path(out_dir)
     if out.resolve() == base.resolve():
-        raise ValueError(f"{out}: the merged model must go to another folder than the base checkpoint")
+        raise MergeError(f"{out}: the merged model must go to another folder than the base checkpoint")
     if isinstance(adapters, Merged):
         if method is not None or device is not None or options:
-            raise ValueError("pass method and its options only with adapters, not with an existing Merged")
+            raise MergeError("pass method and its options only with adapters, not with an existing Merged")
         merged = adapters
     else:
         if method is None:
-            raise ValueError("give the merge method")
+            raise MergeError("give the merge method")
         merged = merge_adapters(adapters, method, device=device, **options)
     if merged.per_task and task not in merged.tasks:
-        raise ValueError(f"merge method {merged.method!r} keeps per-task updates: pass task= one of {merged.tasks}"
+        raise MergeError(f"merge method {merged.method!r} keeps per-task updates: pass task= one of {merged.tasks}"
                          f" (got {task!r})")
     max_bytes = convert_file_size_to_int(max_shard_size)
     if max_bytes <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+        raise MergeError(f"max_shard_size must be positive, got {max_shard_size!r}")
 
     layout = checkpoint_layout(base)
     transposed = _fan_in_fan_out(merged)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .._lazy import torch
+from ..errors import MergeError
 
 if TYPE_CHECKING:
     from ..adapters import LoraFactors
@@ -71,7 +72,7 @@ class ModuleInputs:
         try:
             return self.extras[key]
         except KeyError:
-            raise ValueError(f"module {self.name}: the merge method needs per-task {key!r} tensors") from None
+            raise MergeError(f"module {self.name}: the merge method needs per-task {key!r} tensors") from None
 
 
 @dataclass
@@ -112,18 +113,18 @@ class MergedModule:
         if not self.per_task:
             return self.dense()
         if task is None:
-            raise ValueError(
+            raise MergeError(
                 f"module {self.name}: this merge keeps per-task modulators (EMR); pass the task to apply "
                 f"(one of {sorted(self.task_masks)})"  # type: ignore[arg-type]
             )
         if task not in self.task_masks:  # type: ignore[operator]
-            raise ValueError(f"module {self.name}: unknown task {task!r}; merged tasks: {sorted(self.task_masks)}")
+            raise MergeError(f"module {self.name}: unknown task {task!r}; merged tasks: {sorted(self.task_masks)}")
         return self.task_scales[task] * (self.task_masks[task] * self.dense())  # type: ignore[index]
 
     def scaled(self, factor: float) -> MergedModule:
         """The same update multiplied by `factor` (λ); exact for low-rank and dense results alike."""
         if self.per_task:
-            raise ValueError(f"module {self.name}: per-task (EMR) results have no global scaling")
+            raise MergeError(f"module {self.name}: per-task (EMR) results have no global scaling")
         if self.factors is not None:
             from ..adapters import LoraFactors
 
@@ -137,5 +138,5 @@ def resolve_weights(weights: list[float] | None, n_tasks: int) -> list[float]:
     if weights is None:
         return [1.0] * n_tasks
     if len(weights) != n_tasks:
-        raise ValueError(f"weights has {len(weights)} entries but {n_tasks} adapters are merged")
+        raise MergeError(f"weights has {len(weights)} entries but {n_tasks} adapters are merged")
     return [float(w) for w in weights]

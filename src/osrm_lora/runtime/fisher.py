@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..errors import StatsError
 from ..io import load_tensors, save_tensors
 from ..modules import find_target_modules, in_out_features
 
@@ -117,7 +118,7 @@ def estimate_fisher(
             layer.weight.requires_grad_(grad_flags[name])
         model.train(was_training)
     if samples == 0:
-        raise ValueError("estimate_fisher got no batches")
+        raise StatsError("estimate_fisher got no batches")
     return {name: (f / samples).cpu() for name, f in fisher.items()}
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..adapters import LoraAdapter
+from ..errors import AdapterError
 from ..modules import base_name, is_linear, weight_out_in
 
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
@@ -42,7 +43,7 @@ def linear_layers(model: nn.Module, names: Iterable[str], source: str = "") -> d
     for name in names:
         layer = by_name.get(name)
         if layer is None or not is_linear(layer):
-            raise ValueError(f"{source}module {name}: no linear layer of that name in {type(model).__name__}")
+            raise AdapterError(f"{source}module {name}: no linear layer of that name in {type(model).__name__}")
         layers[name] = layer
     return layers
 
@@ -63,7 +64,7 @@ def write_update(
     """
     weight = weight_out_in(layer)
     if tuple(delta.shape) != tuple(weight.shape):
-        raise ValueError(
+        raise AdapterError(
             f"{where}: update is {tuple(delta.shape)} but the model weight is {tuple(weight.shape)} (out×in)"
         )
     base = weight if base is None else base

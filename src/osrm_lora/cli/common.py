@@ -1,0 +1,117 @@
+"""What every command shares: the two consoles, the error report, JSON and table printing, option parsing.
+
+Results go to `out` (stdout: a table, or JSON with --json); progress and messages go to `err` (stderr).
+Nothing here imports torch: `--help` and `run --validate-only` stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from typer.core import TyperGroup
+
+from ..errors import OsrmLoraError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` on stderr and exit with code 2 (a usage or input error)."""
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    raise typer.Exit(2)
+
+
+class ReportErrors(TyperGroup):
+    """The one place that turns a user's mistake into `error: …` and exit code 2, for every command.
+
+    Catches `OsrmLoraError` (every domain error), pydantic's `ValidationError` (an option model validated
+    directly) and `OSError` (a file or model that cannot be read or written). Anything else is a bug and
+    keeps its traceback.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (OsrmLoraError, OSError) as exc:
+            fail(str(exc))
+        except Exception as exc:
+            from pydantic import ValidationError
+
+            if not isinstance(exc, ValidationError):
+                raise
+            from ..settings import format_validation_error
+
+            fail(format_validation_error(exc, exc.title))
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' chatter (weight-loading reports and bars, deprecation notices) in our output."""
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def to_stderr():
+    """Libraries print logs to stdout (Trainer's loss lines); keep stdout for our results (tables, --json)."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def print_json(obj: Any) -> None:
+    out.print_json(json.dumps(obj, default=str, allow_nan=True))
+
+
+def print_listing(entries: list[dict], as_json: bool, table: Callable[[list[dict]], Table]) -> None:
+    """A registry's listing (`merge --list`, `train --list-inits`): its entries as JSON, or as a table."""
+    if as_json:
+        print_json(entries)
+    else:
+        out.print(table(entries))
+
+
+def print_tables(tables: list[Table]) -> None:
+    """Tables at the terminal's width, or unclipped when stdout is a file or a pipe."""
+    if not out.is_terminal:
+        out.width = max(out.width, 200)
+    for table in tables:
+        out.print(table)
+
+
+def key_values(items: list[str], what: str) -> dict[str, Any]:
+    """`key=value` options; values are parsed as YAML scalars/lists (`0.2` -> float, `[1,2]` -> list)."""
+    import yaml
+
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"{what} {item!r} must look like key=value")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+def load_task(name: str, glue_dir: Path | None, files: list[str] | None, options: list[str] | None):
+    """The task of the shared --task/--glue-dir/--files/--task-option options."""
+    from ..tasks import get_task
+
+    kwargs: dict[str, Any] = key_values(options or [], "--task-option")
+    if glue_dir is not None:
+        kwargs["glue_dir"] = glue_dir
+    if files:
+        split_files = key_values(files, "--files")
+        kwargs["files"] = {split: str(path) for split, path in split_files.items()}
+    return get_task(name, **kwargs)

@@ -1,0 +1,40 @@
+"""Options that several commands take, declared once so their flags, defaults and help stay the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..settings import STAGES
+
+TASK_HELP = "task name: a GLUE task, a built-in task (`osrm-lora data list`), or your own with --files"
+GLUE_HELP = "local GLUE folder (default: $OSRM_LORA_GLUE_DIR, else the hub)"
+FILES_HELP = "your own data: split=path (CSV/TSV/JSONL), e.g. --files train=train.csv --files dev=dev.csv"
+OPTION_HELP = "file-task option key=value (text_column, text_pair_column, label_column, label_names, ...)"
+FORCE_HELP = f"redo this stage even if cached (repeatable): {', '.join(STAGES)}"
+
+# `train` takes these two as optional (it also lists the inits), hence the bare options.
+MODEL = typer.Option("--model", "-m", help="base model: hub id, local folder or builtin:minilm")
+TASK = typer.Option("--task", "-t", help=TASK_HELP)
+ModelOpt = Annotated[str, MODEL]
+TaskOpt = Annotated[str, TASK]
+GlueDirOpt = Annotated[Path | None, typer.Option("--glue-dir", help=GLUE_HELP)]
+FilesOpt = Annotated[list[str] | None, typer.Option("--files", help=FILES_HELP)]
+TaskOptionOpt = Annotated[list[str] | None, typer.Option("--task-option", help=OPTION_HELP)]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or messages")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
+
+
+def _stages(values: list[str] | None) -> list[str] | None:
+    """--force takes stage names only: a typo is a usage error, not a run that redoes nothing."""
+    unknown = [v for v in values or [] if v not in STAGES]
+    if unknown:
+        raise typer.BadParameter(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    return values
+
+
+ForceOpt = Annotated[list[str] | None, typer.Option("--force", callback=_stages, help=FORCE_HELP)]
+MaxLengthOpt = Annotated[int, typer.Option("--max-length", min=1, help="tokens per example (longer ones are cut)")]
