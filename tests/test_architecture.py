@@ -32,6 +32,7 @@ def assert_torch_free(code: str, cwd: Path = REPO) -> None:
 
 IMPORTS = {
     "settings": "import osrm_lora.settings",
+    "public-api": "import osrm_lora; assert dir(osrm_lora) == sorted(osrm_lora.__all__)",
     "inits": """
         from osrm_lora.inits import get_init, list_inits
         assert [i["name"] for i in list_inits()][0] == "gaussian" and get_init("osrm").needs_stats
@@ -100,3 +101,22 @@ def test_cli_help_and_validation_without_torch():
             assert result.exit_code == 0, (args, result.output)
         assert result.stdout.strip() == "examples/demo.yaml: OK"
     """)
+
+
+def test_public_api_names_resolve_to_their_home_modules():
+    """Every exported name is the object its module defines (no copies), and no private name is exported."""
+    import importlib
+
+    import osrm_lora
+
+    homes = {"finetune": "train", "merge_adapters": "merge.engine", "save_adapter": "merge.export",
+             "collect_stats": "stats", "compute_subspaces": "subspace", "osrm_init": "inits.osrm_tensors",
+             "interference_matrix": "interference", "run_experiment": "pipeline.runner",
+             "get_init": "inits.registry", "get_method": "merge.registry"}
+    for name, module in homes.items():
+        assert getattr(osrm_lora, name) is getattr(importlib.import_module(f"osrm_lora.{module}"), name), name
+    assert all(not name.startswith("_") or name == "__version__" for name in osrm_lora.__all__)
+    for name in osrm_lora.__all__:
+        assert getattr(osrm_lora, name) is not None
+    with pytest.raises(AttributeError):
+        osrm_lora.not_a_public_name  # noqa: B018
