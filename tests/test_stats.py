@@ -20,7 +20,8 @@ from transformers import (
     LlamaModel,
 )
 
-from osrm_lora.io import OsrmFileError
+from osrm_lora.errors import StatsError
+from osrm_lora.io import NonFiniteError, OsrmFileError
 from osrm_lora.modules import find_target_modules
 from osrm_lora.stats import StatsMismatchError, TaskStats, collect_stats, model_config_hash
 
@@ -301,3 +302,73 @@ def test_inputs_that_are_not_per_token_or_no_batches_are_refused():
         collect_stats(with_pooler, make_batches(3), ["pooler.dense"], task="cls")
     with pytest.raises(ValueError, match="no batches"):
         collect_stats(tiny_bert(), [], BERT_QKV)
+
+
+# --- sums that no inputs could give (issue 14 §2) ---------------------------------------------------------
+
+
+def _saved(tmp_path, second: torch.Tensor, first: torch.Tensor | None = None, name: str = "bad"):
+    """A statistics file whose q and v (one shared input) hold `second`; returns its path."""
+    first = torch.zeros(second.shape[0]) if first is None else first
+    stats = TaskStats("sst2", "toy", "toy-hash", {"layer.q": second, "layer.v": second},
+                      {"layer.q": first, "layer.v": first}, tokens=10)
+    path = tmp_path / f"{name}.safetensors"
+    stats.save(path)
+    return path
+
+
+def _gram(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return x.T @ x
+
+
+def test_a_negated_second_moment_is_refused_on_load_naming_file_and_modules(tmp_path):
+    path = _saved(tmp_path, -_gram(40, 6))
+    with pytest.raises(StatsError, match=r"bad\.safetensors, modules layer\.q, layer\.v: Σ x xᵀ is negative"):
+        TaskStats.load(path)
+
+
+def test_an_indefinite_sum_with_a_positive_diagonal_is_refused(tmp_path):
+    gram = _gram(40, 6)
+    eigenvalues, vectors = torch.linalg.eigh(gram.double())
+    eigenvalues[0] = -0.5 * eigenvalues[-1]  # one strongly negative direction; the diagonal stays positive
+    flipped = (vectors * eigenvalues) @ vectors.T
+    assert bool((flipped.diagonal() > 0).all())
+    with pytest.raises(StatsError, match=r"not positive semi-definite \(eigenvalue -"):
+        TaskStats.load(_saved(tmp_path, flipped.float()))
+
+
+def test_an_asymmetric_sum_is_refused(tmp_path):
+    gram = _gram(40, 6)
+    gram[0, 1] += 0.5 * gram.diagonal().max()
+    with pytest.raises(StatsError, match="not symmetric"):
+        TaskStats.load(_saved(tmp_path, gram))
+
+
+def test_rank_deficient_float32_sums_pass_despite_rounding(tmp_path):
+    gram = _gram(3, 64)  # 3 tokens, d = 64: 61 zero eigenvalues, computed as tiny ± values
+    assert float(torch.linalg.eigvalsh(gram.double()).min()) < 1e-6 * float(gram.trace())
+    loaded = TaskStats.load(_saved(tmp_path, gram, name="few"))
+    assert torch.equal(loaded.second["layer.q"], gram)
+
+
+@pytest.mark.parametrize("where", ["second", "first"])
+def test_non_finite_statistics_are_refused_on_load_naming_the_modules(tmp_path, where):
+    gram, first = _gram(40, 6), torch.ones(6)
+    (gram if where == "second" else first)[2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"bad\.safetensors, modules layer\.q, layer\.v: tensor Σ x"):
+        TaskStats.load(_saved(tmp_path, gram, first))
+
+
+def test_collected_sums_that_are_no_second_moment_are_refused(monkeypatch):
+    import osrm_lora.stats as stats_module
+
+    def subtract(second, first, inputs, rows):  # a broken accumulation: Σ of -x xᵀ
+        x = inputs.reshape(-1, inputs.shape[-1]).to(second.dtype)
+        x = x if rows is None else x.index_select(0, rows)
+        second.sub_(x.T @ x)
+        first.add_(x.sum(0))
+
+    monkeypatch.setattr(stats_module, "add_input_sums_", subtract)
+    with pytest.raises(StatsError, match=r"statistics of task 'sst2', modules .*query.*: Σ x xᵀ is negative"):
+        collect_stats(tiny_bert(), make_batches(3), ["query", "key"], task="sst2")

@@ -108,7 +108,7 @@ class LoraAdapter:
             raise OsrmFileError(f"{source}: no lora_A/lora_B tensors found")
         return cls(modules=modules, config=config, extra=extra, name=name)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, *, kind: str = "adapter", overwrite: bool = False, inputs=()) -> None:
         """Write a PEFT folder; each module's scale is folded into B (alpha = r per module) so ranks may differ."""
         from .io import atomic_dir
 
@@ -126,7 +126,7 @@ class LoraAdapter:
             alpha_pattern=alpha_pattern, target_modules=sorted(self.modules), init_lora_weights=True,
         )
         config.setdefault("peft_type", "LORA")
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, kind, overwrite=overwrite, inputs=inputs) as tmp:
             save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
             write_json(tmp / CONFIG_NAME, config)
 

@@ -24,10 +24,11 @@ from rich.progress import track
 
 from . import __version__
 from .errors import StatsError
-from .io import OsrmFileError, fingerprint, load_tensors, save_tensors
+from .io import OsrmFileError, check_finite, fingerprint, load_tensors, save_tensors
 from .modules import find_target_modules, in_out_features
 
 FORMAT = "osrm-lora/task-stats/1"
+PSD_TOL = 1e-4  # relative to the trace: float32 sums of many batches stay far above -1e-6·trace
 
 
 class StatsMismatchError(StatsError):
@@ -125,8 +126,9 @@ class TaskStats:
             self.task, self.model, self.config_hash, second, first, self.tokens + other.tokens, self.dtype
         )
 
-    def save(self, path: str | Path) -> None:
-        """Atomic safetensors file; modules that share an input share one stored tensor."""
+    def save(self, path: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:
+        """Atomic safetensors file; modules that share an input share one stored tensor. An existing `path`
+        that is no statistics file is replaced only with `overwrite`, an input never (`io.check_output`)."""
         storage: dict[int, str] = {}
         tensors: dict[str, torch.Tensor] = {}
         module_keys: dict[str, str] = {}
@@ -137,11 +139,12 @@ class TaskStats:
             tensors[f"{key}.first"] = self.first[m]
         meta = self.metadata()
         meta["storage"] = json.dumps(module_keys)
-        save_tensors(path, tensors, meta)
+        save_tensors(path, tensors, meta, overwrite=overwrite, inputs=inputs)
 
     @classmethod
     def load(cls, path: str | Path) -> TaskStats:
-        tensors, meta = load_tensors(path, FORMAT, "statistics")
+        """Read a statistics file; NaN/Inf, or sums that are no second moment, are refused naming modules."""
+        tensors, meta = load_tensors(path, FORMAT, "statistics", finite=False)
         try:
             module_keys = json.loads(meta["storage"])
             dims = json.loads(meta["modules"])
@@ -167,6 +170,7 @@ class TaskStats:
                 raise OsrmFileError(
                     f"{path}: module {m}: stored shape {tuple(second[m].shape)} != dim {dims[m]}"
                 )
+        check_sums(second, first, str(path))
         extra = {k.removeprefix("extra."): v for k, v in meta.items() if k.startswith("extra.")}
         return cls(
             **identity,
@@ -177,6 +181,49 @@ class TaskStats:
             version=meta.get("version", ""),
             extra=extra,
         )
+
+
+def _shared_by(tensors: dict[str, torch.Tensor]) -> dict[int, list[str]]:
+    """Modules by the id of the tensor they share, each list sorted."""
+    groups: dict[int, list[str]] = {}
+    for m in sorted(tensors):
+        groups.setdefault(id(tensors[m]), []).append(m)
+    return groups
+
+
+def second_moment_problem(second: torch.Tensor, tol: float = PSD_TOL) -> str | None:
+    """Why `second` cannot be a sum of x xᵀ, or None: a negative diagonal entry, asymmetry beyond
+    `tol`·max diagonal, or an eigenvalue below -`tol`·trace (a negated or corrupted Σ). The PSD test is one
+    Cholesky of Σ/trace + tol·I; eigenvalues are computed only to report a failure."""
+    work = second if second.dtype in (torch.float32, torch.float64) else second.float()
+    tol = max(tol, 10 * torch.finfo(second.dtype).eps)
+    diagonal = work.diagonal()
+    trace, lowest, highest = float(diagonal.sum()), float(diagonal.min()), float(diagonal.max())
+    if lowest < -tol * abs(trace) or trace < 0:
+        return f"negative on the diagonal (entry {lowest:.3g}, trace {trace:.3g})"
+    asymmetry = float((work - work.T).abs().max())
+    if asymmetry > tol * highest:
+        return f"not symmetric (max |Σ - Σᵀ| = {asymmetry:.3g}, max diagonal {highest:.3g})"
+    if trace == 0:
+        return None if not bool(work.any()) else "non-zero off the diagonal of a zero diagonal"
+    shifted = work / trace
+    shifted.diagonal().add_(tol)
+    if int(torch.linalg.cholesky_ex(shifted).info) == 0:
+        return None
+    least = float(torch.linalg.eigvalsh(work.double()).min())
+    return f"not positive semi-definite (eigenvalue {least:.3g} < -{tol:g} × trace {trace:.3g})"
+
+
+def check_sums(second: dict[str, torch.Tensor], first: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse sums that no inputs could give: NaN/Inf, or a Σ x xᵀ that is no second moment (see
+    `second_moment_problem`). Checked once per shared tensor; the error names `source` and its modules."""
+    for modules in _shared_by(second).values():
+        where = f"{source}, module{'s' if len(modules) > 1 else ''} {', '.join(modules)}"
+        m = modules[0]
+        check_finite({"Σ x xᵀ": second[m], "Σ x": first[m]}, where)
+        problem = second_moment_problem(second[m])
+        if problem is not None:
+            raise StatsError(f"{where}: Σ x xᵀ is {problem}; these are not input statistics")
 
 
 def model_config_hash(model) -> str:
@@ -499,6 +546,7 @@ def collect_stats(
         raise StatsError(f"task {task!r}: no batches to collect statistics from")
     second = {m: sums.groups[g].second for m, g in sums.group_of.items()}
     first = {m: sums.groups[g].first for m, g in sums.group_of.items()}
+    check_sums(second, first, f"statistics of task {task!r}")
     return TaskStats(
         task=task,
         model=model_id,

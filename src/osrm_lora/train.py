@@ -406,7 +406,7 @@ def finetune(
         "versions": _versions(),
     }
     if trainer.is_world_process_zero():
-        with atomic_dir(output_dir) as tmp:
+        with atomic_dir(output_dir, "adapter") as tmp:
             _save_adapter(peft_model, tmp, initial)
             tokenizer.save_pretrained(str(tmp))
             metadata["wall_time_s"] = time.perf_counter() - start

@@ -16,11 +16,13 @@ from torch import nn
 
 from ..adapters import LoraAdapter
 from ..errors import MergeError
-from ..io import atomic_dir, write_json
+from ..io import atomic_dir, check_output, write_json
 from ..modules import base_name
 from ..runtime.weights import head_parameters, linear_layers, write_update
 from .engine import Merged
 from .types import MergedModule
+
+MERGED_MODEL = "merged-model"  # the output kind of full merged checkpoints, sharded or not
 
 
 @torch.no_grad()
@@ -66,17 +68,20 @@ def load_head(model: nn.Module, adapter: LoraAdapter) -> list[str]:
 
 def save_merged_model(
     model: nn.Module, merged: Merged, path: str | Path, *, task: str | None = None,
-    heads_from: str | None = None, tokenizer=None,
+    heads_from: str | None = None, tokenizer=None, overwrite: bool = False, inputs: Iterable[str | Path] = (),
 ) -> Path:
     """Apply the merge (and `heads_from`'s head) to `model` and `save_pretrained` it atomically, with a
-    `merge_info.json` describing the merge; a failure leaves no folder behind."""
+    `merge_info.json` describing the merge; a failure leaves no folder behind. `path` is checked first, so a
+    refused one (`io.check_output`: not a merged model, an input, ...) leaves `model` untouched."""
+    inputs = list(inputs)
+    check_output(path, MERGED_MODEL, folder=True, overwrite=overwrite, inputs=inputs)
     apply_to_model(model, merged, task)
     if heads_from is not None:
         if heads_from not in merged.adapters:
             raise MergeError(f"heads_from={heads_from!r} is not one of the merged adapters {merged.tasks}")
         load_head(model, merged.adapters[heads_from])
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, MERGED_MODEL, overwrite=overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -27,9 +27,9 @@ TotalsFn = Callable[[ModuleInputs, Any], "torch.Tensor"]
 
 
 class MethodParams(BaseModel):
-    """Base of every method's hyper-parameters: unknown names are errors, values are immutable."""
+    """Base of every method's hyper-parameters: unknown names are errors, values immutable and finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ScaledParams(MethodParams):

