@@ -25,9 +25,9 @@ from osrm_lora.merge import (
 from osrm_lora.merge import inputs as merge_inputs
 from osrm_lora.merge import registry as merge_registry
 from osrm_lora.merge import types as merge_types
-from osrm_lora.merge.dare import module_seed
-from osrm_lora.merge.emr import elect_unified, rescaler_sums, rescalers
-from osrm_lora.merge.ties import magnitude_threshold
+from osrm_lora.merge.methods.dare import module_seed
+from osrm_lora.merge.methods.emr import elect_unified, rescaler_sums, rescalers
+from osrm_lora.merge.methods.ties import magnitude_threshold
 from osrm_lora.merge.types import ModuleInputs
 
 ATOL = 1e-4

@@ -7,12 +7,22 @@ experiment file is validated against them before anything runs.
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from .errors import RegistryError
+
+
+def import_entries(package: str) -> None:
+    """Import every module of `package` whose name does not start with "_", so that their `register` calls
+    run: a new entry is then one new module, with no list of modules to edit."""
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
 
 
 def unknown_name(message: str, name: str, known: Iterable[str], listing: str) -> RegistryError:

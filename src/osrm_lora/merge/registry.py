@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .._registry import describe_fields, parse_options, unknown_name
+from .._registry import describe_fields, import_entries, parse_options, unknown_name
 from .inputs import check_requires
 from .types import MergedModule, ModuleInputs
 
@@ -112,5 +112,5 @@ def list_methods() -> list[dict[str, Any]]:
 
 
 def _load_builtin_methods() -> None:
-    """Import the method modules so their @register decorators run."""
-    from . import dare, emr, fisher, knots, regmean, task_arithmetic, ties  # noqa: F401
+    """Import every method module of `merge/methods/` so their @register decorators run."""
+    import_entries(f"{__package__}.methods")

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .._lazy import torch
-from .registry import ScaledParams, register
-from .types import MergedModule, ModuleInputs
+from ..._lazy import torch
+from ..registry import ScaledParams, register
+from ..types import MergedModule, ModuleInputs
 
 
 def shrink_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -43,7 +43,7 @@ class RegMeanParams(ScaledParams):
     requires=("stats",), exact_low_rank=True,
 )
 def regmean(inputs: ModuleInputs, params: RegMeanParams) -> MergedModule:
-    from ..adapters import LoraFactors
+    from ...adapters import LoraFactors
 
     # Shrinkage is linear, so Σ G̃_i = shrink(Σ G_i) and A_i G̃_i = α A_i G_i + (1−α) A_i diag(G_i):
     # no shrunk Gram is ever formed.

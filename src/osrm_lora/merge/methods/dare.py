@@ -13,10 +13,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from .._lazy import torch
-from .registry import WeightedParams, register
+from ..._lazy import torch
+from ..registry import WeightedParams, register
+from ..types import MergedModule, ModuleInputs, resolve_weights
 from .ties import disjoint_mean, elect_sign
-from .types import MergedModule, ModuleInputs, resolve_weights
 
 
 def module_seed(seed: int, module: str) -> int:

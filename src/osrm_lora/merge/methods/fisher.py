@@ -15,9 +15,9 @@ from collections.abc import Iterable
 
 from pydantic import Field, field_validator
 
-from .._lazy import torch
-from .registry import ScaledParams, register
-from .types import MergedModule, ModuleInputs, resolve_weights
+from ..._lazy import torch
+from ..registry import ScaledParams, register
+from ..types import MergedModule, ModuleInputs, resolve_weights
 
 
 def fisher_weighted_mean(

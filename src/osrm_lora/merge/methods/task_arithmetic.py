@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import torch
-from .registry import ScaledParams, WeightedParams, register
-from .types import MergedModule, ModuleInputs, resolve_weights
+from ..._lazy import torch
+from ..registry import ScaledParams, WeightedParams, register
+from ..types import MergedModule, ModuleInputs, resolve_weights
 
 if TYPE_CHECKING:
-    from ..adapters import LoraFactors
+    from ...adapters import LoraFactors
 
 
 def weighted_sum_factors(factors: list[LoraFactors], coefficients: list[float]) -> LoraFactors:
     """Exact factors of Σ_i c_i s_i B_i A_i: rows of A stacked, scaled columns of B side by side."""
-    from ..adapters import LoraFactors
+    from ...adapters import LoraFactors
 
     A = torch.cat([f.A for f in factors], dim=0)
     B = torch.cat([c * f.scale * f.B for f, c in zip(factors, coefficients)], dim=1)

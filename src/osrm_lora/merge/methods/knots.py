@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from .._lazy import torch
-from .registry import WeightedParams, register
+from ..._lazy import torch
+from ..registry import WeightedParams, register
+from ..types import MergedModule, ModuleInputs, resolve_weights
 from .ties import sign_consensus_merge
-from .types import MergedModule, ModuleInputs, resolve_weights
 
 if TYPE_CHECKING:
-    from ..adapters import LoraFactors
+    from ...adapters import LoraFactors
 
 RELATIVE_RANK_TOLERANCE = 1e-10
 
@@ -63,7 +63,7 @@ class KnotsParams(WeightedParams):
     exact_low_rank=True,
 )
 def knots(inputs: ModuleInputs, params: KnotsParams) -> MergedModule:
-    from ..adapters import LoraFactors
+    from ...adapters import LoraFactors
 
     weights = resolve_weights(params.weights, len(inputs.factors))
     U, S, Vts = concatenated_svd(inputs.factors)

@@ -12,9 +12,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from .._lazy import torch
-from .registry import MethodParams, register
-from .types import MergedModule, ModuleInputs
+from ..._lazy import torch
+from ..registry import MethodParams, register
+from ..types import MergedModule, ModuleInputs
 
 
 def elect_unified(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 
 from pydantic import Field
 
-from .._lazy import torch
-from .registry import WeightedParams, register
-from .types import MergedModule, ModuleInputs, resolve_weights
+from ..._lazy import torch
+from ..registry import WeightedParams, register
+from ..types import MergedModule, ModuleInputs, resolve_weights
 
 
 def magnitude_threshold(tensor: torch.Tensor, keep: int) -> torch.Tensor:
