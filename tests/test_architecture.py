@@ -120,3 +120,19 @@ def test_public_api_names_resolve_to_their_home_modules():
         assert getattr(osrm_lora, name) is not None
     with pytest.raises(AttributeError):
         osrm_lora.not_a_public_name  # noqa: B018
+
+
+def test_registries_import_every_public_module_of_their_package(tmp_path, monkeypatch):
+    """A new init or merge method is one new module: `import_entries` finds it without any list to edit."""
+    from osrm_lora._registry import import_entries
+
+    package = tmp_path / "plugins_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("LOADED = []\n")
+    for name in ("alpha", "beta", "_private"):
+        (package / f"{name}.py").write_text(f"from . import LOADED\nLOADED.append({name!r})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import_entries("plugins_pkg")
+    import plugins_pkg
+
+    assert sorted(plugins_pkg.LOADED) == ["alpha", "beta"]
