@@ -289,6 +289,14 @@ def test_claimed_folders_are_written_in_place_and_never_emptied(tmp_path):
     assert (precious / "thesis.tex").is_file() and recorded_kind(precious) == "experiment"
 
 
+def test_a_claimed_folder_may_be_the_current_directory(tmp_path, monkeypatch):
+    claim_output_dir(tmp_path / "exp", "experiment")
+    monkeypatch.chdir(tmp_path / "exp")
+    assert claim_output_dir(".", "experiment") == (tmp_path / "exp").resolve()
+    with pytest.raises(OutputError, match="current directory"):
+        _write(Path("."), kind="experiment")
+
+
 def test_check_output_returns_the_resolved_target_for_an_absent_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert check_output("new/out", "adapter", folder=True) == tmp_path.resolve() / "new" / "out"

@@ -94,11 +94,11 @@ def _writable(path: Path) -> bool:
 
 
 def _refusal(target: Path, kind: str | None, folder: bool, overwrite: bool,
-             inputs: list[str | os.PathLike]) -> str | None:
+             inputs: list[str | os.PathLike], in_place: bool) -> str | None:
     """Why `target` may not be written, or None; see `check_output`."""
     if target == Path(target.anchor):
         return "is a filesystem root; choose a new folder for the output"
-    if Path.cwd().resolve().is_relative_to(target):
+    if not in_place and Path.cwd().resolve().is_relative_to(target):
         return "is or contains the current directory; choose a new folder for the output"
     for given in inputs:
         source = Path(os.path.realpath(given))
@@ -154,15 +154,16 @@ def _is_empty(folder: Path) -> bool:
 
 
 def check_output(path: str | os.PathLike, kind: str | None, *, folder: bool, overwrite: bool = False,
-                 inputs: Iterable[str | os.PathLike] = ()) -> Path:
+                 inputs: Iterable[str | os.PathLike] = (), in_place: bool = False) -> Path:
     """Refuse to write `path` unless it is absent, an empty folder, or an osrm-lora output of `kind`
     (`kind=None`: a library-internal file, replaced whatever it holds); anything else needs `overwrite`.
     Never allowed: a filesystem root, the current directory (or a folder holding it), a path that is, holds
     or lies inside one of `inputs`, a file where a folder goes (or the reverse), a read-only path or folder.
-    Returns the path to write, symbolic links resolved; raises OutputError naming `path` and the reason."""
+    `in_place`: the folder is written into, never replaced (`claim_output_dir`), so it may hold the current
+    directory. Returns the path to write, symbolic links resolved; raises OutputError naming `path` and why."""
     shown = Path(path)
     target = Path(os.path.realpath(shown))
-    reason = _refusal(target, kind, folder, overwrite, list(inputs))
+    reason = _refusal(target, kind, folder, overwrite, list(inputs), in_place)
     if reason is not None:
         raise OutputError(f"{shown}: {reason}")
     return target
@@ -309,10 +310,11 @@ def claim_output_dir(path: str | os.PathLike, kind: str, *, overwrite: bool = Fa
                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Create (or reuse) a folder written in place over time, such as an experiment's, marked as `kind`.
 
-    The same rules as `atomic_dir` decide whether `path` may be used; `overwrite` lets an existing folder of
-    another kind be written into (as the Trainer's `overwrite_output_dir`): nothing in it is deleted.
+    The same rules as `atomic_dir` decide whether `path` may be used, except that it may be (or hold) the
+    current directory; `overwrite` lets an existing folder of another kind be written into (as the
+    Trainer's `overwrite_output_dir`): nothing in it is deleted.
     """
-    target = check_output(path, kind, folder=True, overwrite=overwrite, inputs=inputs)
+    target = check_output(path, kind, folder=True, overwrite=overwrite, inputs=inputs, in_place=True)
     target.mkdir(parents=True, exist_ok=True)
     if recorded_kind(target) != kind:
         _write_marker(target, kind)
