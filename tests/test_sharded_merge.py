@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 from helpers_merge import dense_deltas, random_adapter, tiny_bert, trained_like_peft_bert
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForSequenceClassification,
@@ -27,9 +30,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from osrm_lora.errors import MergeError
 from osrm_lora.io import OsrmFileError
 from osrm_lora.merge import apply_to_model, merge_adapters, merge_checkpoint_sharded, save_merged_model
-from osrm_lora.merge.sharded import read_header
+from osrm_lora.merge.sharded import plan_shards, read_header
 
 PEAK_SCRIPT = Path(__file__).parent / "dist_scripts" / "sharded_peak.py"
 
@@ -212,6 +216,40 @@ def test_non_safetensors_checkpoint_is_refused(tmp_path):
     (tmp_path / "base" / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(OsrmFileError, match=r"only safetensors.*pytorch_model\.bin"):
         merge_checkpoint_sharded(tmp_path / "base", [random_adapter("a", 0)], "task_arithmetic", tmp_path / "out")
+
+
+def test_headers_and_shard_plans_agree_with_the_files(tmp_path):
+    """read_header against the raw JSON header (offsets give the storage order) and the loaded tensors, for
+    several dtypes and a 0-d tensor; plan_shards (meta tensors) against huggingface_hub on the real ones."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(40, 30, generator=g), "half": torch.randn(7, 9, generator=g).bfloat16(),
+               "fp8": torch.randn(16, 16, generator=g).to(torch.float8_e4m3fn), "ids": torch.arange(50),
+               "mask": torch.ones(5, 3, dtype=torch.bool), "scale": torch.tensor(2.5, dtype=torch.float64)}
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = {k: v for k, v in json.loads(raw[8:8 + size]).items() if k != "__metadata__"}
+    entries = read_header(path)
+    assert [e.name for e in entries] == sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    for e in entries:
+        start, end = header[e.name]["data_offsets"]
+        assert (e.file, e.shape, e.nbytes) == (path.name, tuple(header[e.name]["shape"]), end - start)
+        assert e.dtype == tensors[e.name].dtype and e.nbytes == tensors[e.name].nbytes
+
+    ordered = {e.name: load_file(str(path))[e.name] for e in entries}
+    for limit in (1000, "3KB", 10**6):
+        plan = plan_shards(entries, limit)
+        expected = split_torch_state_dict_into_shards(ordered, max_shard_size=limit)
+        assert plan.filename_to_tensors == expected.filename_to_tensors
+        assert plan.metadata == expected.metadata
+    with pytest.raises(MergeError, match=r"max_shard_size='2GiB'"):
+        plan_shards(entries, "2GiB")
+    with pytest.raises(MergeError, match="max_shard_size must be positive"):
+        plan_shards(entries, 0)
+    (tmp_path / "cut.safetensors").write_bytes(raw[:size])
+    with pytest.raises(OsrmFileError, match=r"cut\.safetensors: not a readable safetensors file"):
+        read_header(tmp_path / "cut.safetensors")
 
 
 def test_peak_memory_stays_near_one_shard(tmp_path):

@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from peft import LoraConfig, PeftConfig
+from peft.utils import load_peft_weights
 from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError
 
 from .errors import AdapterError
-from .io import OsrmFileError, load_tensors, save_tensors, write_json
+from .io import OsrmFileError, atomic_dir, check_finite, save_tensors, write_json
 from .modules import PEFT_PREFIX
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # read by PEFT with torch.load(weights_only=True): tensors only
 
 
 @dataclass
@@ -58,20 +65,29 @@ class LoraAdapter:
         return self.config.get("base_model_name_or_path")
 
     @classmethod
-    def load(cls, path: str | Path, name: str | None = None) -> LoraAdapter:
-        """Read a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`)."""
-        path = Path(path)
-        config_file = path / CONFIG_NAME
-        if not config_file.is_file():
-            raise OsrmFileError(f"{path}: not a PEFT adapter folder ({CONFIG_NAME} missing)")
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise OsrmFileError(f"{config_file}: not valid JSON ({exc})") from None
-        if config.get("peft_type", "LORA") != "LORA":
-            raise OsrmFileError(f"{config_file}: peft_type {config.get('peft_type')!r} is not LORA")
-        tensors, _ = load_tensors(path / WEIGHTS_NAME)
-        return cls.from_state_dict(tensors, config, name=name or path.name, source=str(path))
+    def load(cls, source: str | Path, name: str | None = None) -> LoraAdapter:
+        """Read a PEFT LoRA adapter: a local folder, else a Hub id `user/repo` or `user/repo@revision`.
+
+        PEFT's own readers do it (`PeftConfig.from_pretrained`, called on LoraConfig so that a config without
+        peft_type is LoRA, and `load_peft_weights`): Hub ids download and cache as in PEFT, and an
+        `adapter_model.bin` is read with torch's weights_only unpickler, which builds tensors and plain
+        containers only. Missing or malformed files are OsrmFileErrors naming the file.
+        """
+        path = Path(source)
+        if path.exists():
+            config, tensors = _read_folder(path)
+            default_name = path.name
+        else:
+            repo, revision = split_hub_id(str(source))
+            try:
+                config = LoraConfig.from_pretrained(repo, revision=revision)
+                tensors = load_peft_weights(repo, device="cpu", revision=revision)
+            except (OSError, ValueError, EntryNotFoundError) as exc:
+                raise OsrmFileError(f"{source}: cannot load the adapter from the Hugging Face Hub ({exc})") from exc
+            config = _lora_config(config, str(source))
+            default_name = repo.rsplit("/", 1)[-1]
+        check_finite(tensors, str(source))
+        return cls.from_state_dict(tensors, config, name=name or default_name, source=str(source))
 
     @classmethod
     def from_state_dict(
@@ -109,9 +125,12 @@ class LoraAdapter:
         return cls(modules=modules, config=config, extra=extra, name=name)
 
     def save(self, path: str | Path, *, kind: str = "adapter", overwrite: bool = False, inputs=()) -> None:
-        """Write a PEFT folder; each module's scale is folded into B (alpha = r per module) so ranks may differ."""
-        from .io import atomic_dir
+        """`write` into a new folder that replaces `path` only once complete (`io.atomic_dir`'s rules)."""
+        with atomic_dir(path, kind, overwrite=overwrite, inputs=inputs) as tmp:
+            self.write(tmp)
 
+    def write(self, folder: Path) -> None:
+        """Write a PEFT folder; each module's scale is folded into B (alpha = r per module) so ranks may differ."""
         tensors = dict(self.extra)
         rank_pattern, alpha_pattern = {}, {}
         for module, f in self.modules.items():
@@ -126,12 +145,54 @@ class LoraAdapter:
             alpha_pattern=alpha_pattern, target_modules=sorted(self.modules), init_lora_weights=True,
         )
         config.setdefault("peft_type", "LORA")
-        with atomic_dir(path, kind, overwrite=overwrite, inputs=inputs) as tmp:
-            save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-            write_json(tmp / CONFIG_NAME, config)
+        save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        write_json(folder / CONFIG_NAME, config)
 
     def deltas(self) -> dict[str, torch.Tensor]:
         return {m: f.delta() for m, f in self.modules.items()}
+
+
+def split_hub_id(source: str) -> tuple[str, str | None]:
+    """`user/repo` or `user/repo@revision` -> (repo id, revision or None); anything else is an OsrmFileError."""
+    repo, at, revision = source.partition("@")
+    try:
+        validate_repo_id(repo)
+        valid = repo.count("/") == 1 and (revision or not at)
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise OsrmFileError(f"{source}: no such adapter folder, and not a Hub id user/repo[@revision]")
+    return repo, revision or None
+
+
+def _lora_config(config: PeftConfig, where: str) -> dict:
+    """A LoRA config as the JSON-ready dict PEFT would save (sets as sorted lists)."""
+    if not isinstance(config, LoraConfig):
+        raise OsrmFileError(f"{where}: peft_type {getattr(config.peft_type, 'value', config.peft_type)!r} is not LORA")
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
+
+
+def _read_folder(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Config dict and state dict of a local PEFT folder, every failure naming its file."""
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise OsrmFileError(f"{path}: not a PEFT adapter folder ({CONFIG_NAME} missing)")
+    try:
+        config = LoraConfig.from_pretrained(str(path))
+    except json.JSONDecodeError as exc:
+        raise OsrmFileError(f"{config_file}: not valid JSON ({exc})") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise OsrmFileError(f"{config_file}: not a PEFT adapter config ({exc!r})") from None
+    config_dict = _lora_config(config, str(config_file))
+    weights = next((path / n for n in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME) if (path / n).is_file()), None)
+    if weights is None:
+        raise OsrmFileError(f"{path / WEIGHTS_NAME}: file not found")
+    try:
+        tensors = load_peft_weights(str(path), device="cpu")
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OsrmFileError(f"{weights}: not a readable weights file ({first_line})") from exc
+    return config_dict, tensors
 
 
 def check_compatible(adapters: list[LoraAdapter]) -> None:

@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
-import struct
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import StateDictSplit, split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers.utils.hub import convert_file_size_to_int
 
 from ..errors import MergeError
 from ..io import OsrmFileError, atomic_dir, write_json
@@ -43,9 +43,9 @@ from .engine import AdapterLike, Merged, merge_adapters
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+SHARD_PATTERN = "model{suffix}.safetensors"  # Hugging Face's: model.safetensors or model-0000i-of-0000n...
 # Weight files of other formats are never copied: they would hold the unmerged base weights.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
-_HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format's own bound on the JSON header
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class TensorEntry:
 
     name: str
     file: str
-    dtype: str
+    dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
 
@@ -71,22 +71,22 @@ class ShardedMerge:
 
 
 def read_header(path: Path) -> list[TensorEntry]:
-    """The tensors a safetensors file holds, in storage order, from its header alone."""
+    """The tensors a safetensors file holds, in storage order, from its header alone.
+
+    safetensors itself parses the header; the dtype comes from an empty slice (no data read), so every dtype
+    safetensors maps to torch is known without a table of our own. A 0-d tensor is read whole (one value).
+    """
     try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > _HEADER_LIMIT:
-                raise ValueError(f"header of {size} bytes")
-            header = json.loads(f.read(size))
-        entries = [
-            (info["data_offsets"][0],
-             TensorEntry(name, path.name, info["dtype"], tuple(info["shape"]),
-                         info["data_offsets"][1] - info["data_offsets"][0]))
-            for name, info in header.items() if name != "__metadata__"
-        ]
-    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        with safe_open(str(path), framework="pt") as f:
+            entries = []
+            for name in f.offset_keys():
+                view = f.get_slice(name)
+                shape = tuple(view.get_shape())
+                dtype = (view[:0] if shape else f.get_tensor(name)).dtype
+                entries.append(TensorEntry(name, path.name, dtype, shape, math.prod(shape) * dtype.itemsize))
+    except (SafetensorError, OSError) as exc:
         raise OsrmFileError(f"{path}: not a readable safetensors file ({exc})") from exc
-    return [entry for _, entry in sorted(entries, key=lambda pair: pair[0])]
+    return entries
 
 
 def checkpoint_layout(base_dir: str | os.PathLike) -> list[TensorEntry]:
@@ -206,24 +206,18 @@ def _head_tensors(
     return heads
 
 
-def plan_shards(layout: Sequence[TensorEntry], max_bytes: int) -> list[list[TensorEntry]]:
-    """Consecutive tensors grouped into shards of at most `max_bytes` (a larger tensor gets its own shard)."""
-    shards: list[list[TensorEntry]] = []
-    size = 0
-    for entry in layout:
-        if not shards or (size + entry.nbytes > max_bytes and shards[-1]):
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += entry.nbytes
-    return shards
-
-
-def shard_file_names(count: int) -> list[str]:
-    """Hugging Face's names: one `model.safetensors`, or `model-0000i-of-0000n.safetensors`."""
-    if count == 1:
-        return [SINGLE_NAME]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+def plan_shards(layout: Sequence[TensorEntry], max_shard_size: int | str) -> StateDictSplit:
+    """The shard files, their tensors and the index, as `huggingface_hub` plans a `save_pretrained`
+    (consecutive tensors up to `max_shard_size`, a larger tensor alone), from meta tensors of the stored
+    shapes and dtypes. `max_shard_size` is bytes or a string such as "2GB" (KB, MB, GB, TB: powers of 10)."""
+    if isinstance(max_shard_size, int) and max_shard_size <= 0:
+        raise MergeError(f"max_shard_size must be positive, got {max_shard_size!r}")
+    meta = {e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in layout}
+    try:
+        split = split_torch_state_dict_into_shards(meta, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
+    except ValueError as exc:
+        raise MergeError(f"max_shard_size={max_shard_size!r}: {exc}") from None
+    return split
 
 
 class _Reader:
@@ -262,6 +256,23 @@ def _merged_weight(weight: torch.Tensor, delta: torch.Tensor, transposed: bool, 
         )
     work = torch.promote_types(weight.dtype, torch.float32)
     return (weight.to(work) + delta.to(device="cpu", dtype=work)).to(weight.dtype).contiguous()
+
+
+def _write_shards(
+    base: Path, out: Path, layout: Sequence[TensorEntry], split: StateDictSplit,
+    replace: Callable[[TensorEntry, torch.Tensor], torch.Tensor],
+) -> None:
+    """Stream the planned shards: each tensor read from the base files, passed through `replace`, and
+    written with its shard, one output shard in memory at a time."""
+    entries = {e.name: e for e in layout}
+    reader = _Reader(base)
+    try:
+        for file, names in split.filename_to_tensors.items():
+            tensors = {name: replace(entries[name], reader.get(entries[name])) for name in names}
+            save_file(tensors, str(out / file), metadata={"format": "pt"})
+            del tensors
+    finally:
+        reader.close()
 
 
 def _copy_side_files(base: Path, out: Path) -> None:
@@ -305,42 +316,30 @@ def merge_checkpoint_sharded(
     if merged.per_task and task not in merged.tasks:
         raise MergeError(f"merge method {merged.method!r} keeps per-task updates: pass task= one of {merged.tasks}"
                          f" (got {task!r})")
-    max_bytes = convert_file_size_to_int(max_shard_size)
-    if max_bytes <= 0:
-        raise MergeError(f"max_shard_size must be positive, got {max_shard_size!r}")
 
     layout = checkpoint_layout(base)
     transposed = _fan_in_fan_out(merged)
     modules = _module_tensors(merged, layout, transposed)
     module_of = {key: m for m, key in modules.items()}
     heads = _head_tensors(merged, heads_from, layout) if heads_from is not None else {}
-    shards = plan_shards(layout, max_bytes)
-    files = shard_file_names(len(shards))
+    split = plan_shards(layout, max_shard_size)
 
-    reader = _Reader(base)
+    def replace(entry: TensorEntry, tensor: torch.Tensor) -> torch.Tensor:
+        if entry.name in module_of:
+            m = module_of[entry.name]
+            return _merged_weight(tensor, merged.module(m).for_task(task), transposed, m)
+        if entry.name in heads:
+            return heads[entry.name][1].to(tensor.dtype).contiguous()
+        return tensor
+
     with atomic_dir(out, "merged-model", inputs=[base]) as tmp:
-        try:
-            for file, shard in zip(files, shards):
-                tensors = {}
-                for entry in shard:
-                    tensor = reader.get(entry)
-                    if entry.name in module_of:
-                        m = module_of[entry.name]
-                        tensor = _merged_weight(tensor, merged.module(m).for_task(task), transposed, m)
-                    elif entry.name in heads:
-                        tensor = heads[entry.name][1].to(tensor.dtype).contiguous()
-                    tensors[entry.name] = tensor
-                save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-                del tensors
-        finally:
-            reader.close()
-        total = sum(e.nbytes for e in layout)
-        if len(files) > 1:
-            weight_map = {e.name: file for file, shard in zip(files, shards) for e in shard}
-            write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_shards(base, tmp, layout, split, replace)
+        if split.is_sharded:
+            write_json(tmp / INDEX_NAME, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
         _copy_side_files(base, tmp)
         write_json(tmp / "merge_info.json", {
             **merged.describe(), "task": task, "heads_from": heads_from, "base_checkpoint": str(base),
-            "modules": modules, "max_shard_size": max_bytes,
+            "modules": modules, "max_shard_size": max_shard_size,
         })
-    return ShardedMerge(out, files, total, modules, {key: target for target, (key, _) in heads.items()})
+    return ShardedMerge(out, list(split.filename_to_tensors), split.metadata["total_size"], modules,
+                        {key: target for target, (key, _) in heads.items()})
