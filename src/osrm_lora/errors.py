@@ -9,6 +9,9 @@ exception is a bug and keeps its traceback. `OsrmLoraError` is a `ValueError`, s
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class OsrmLoraError(ValueError):
     """Base of every error the user can fix; the message names the file, option, task or module."""
@@ -44,3 +47,9 @@ class EvaluationError(OsrmLoraError):
 
 class RegistryError(OsrmLoraError):
     """An unknown init or merge method name, or options that do not fit its typed options."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """` (did you mean 'x'?)` for the known name closest to a misspelt `name`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import OsrmLoraError
+from .errors import OsrmLoraError, did_you_mean
 from .inits import get_init
 
 # Default λ grid: the paper sweeps the merging coefficient; 1.0 is plain addition of LoRA updates.
@@ -47,6 +47,12 @@ DEFAULT_LAMBDAS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
 DEFAULT_FIXED_LAMBDA = 1.0
 # Options of a task entry that are file paths, resolved against the experiment file's folder.
 PATH_OPTIONS = ("glue_dir", "files")
+# Every option of a task entry: `tasks.get_task`'s keywords (`tasks.registry.task_options`; a test checks they
+# agree), listed here so that an experiment is checked without importing the data libraries.
+TASK_OPTIONS = (
+    "source", "glue_dir", "include_extra_train", "files", "progress", "text_column", "text_pair_column",
+    "label_column", "label_names", "regression", "metrics", "primary_metric", "format", "quoting",
+)
 STAGES = ("stats", "subspaces", "train", "eval", "fisher", "grams", "merge", "interference", "report")
 
 
@@ -119,6 +125,15 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _known_options(self) -> TaskConfig:
+        """A misspelt option is refused here, before any stage runs, instead of reaching a loader."""
+        for key in self.model_extra or {}:
+            if key not in TASK_OPTIONS:
+                hint = did_you_mean(key, TASK_OPTIONS)
+                raise ValueError(f"unknown option {key!r}{hint}; a task takes name, {', '.join(TASK_OPTIONS)}")
+        return self
 
     def source_options(self, base_dir: Path | None = None) -> dict[str, Any]:
         """The options for `get_task`, with relative file paths resolved against `base_dir`."""
@@ -391,15 +406,23 @@ def parse_experiment(
     return config
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's data; a missing file or a syntax error is one line naming the file (and the line)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML file; errors name the file, the line (YAML) or the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: experiment file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, "experiment file")
     return parse_experiment(data, source=str(path), base_dir=path.parent.resolve())
 
 

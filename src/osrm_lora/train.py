@@ -13,7 +13,7 @@ the task head inside as a module-to-save, since heads stay per task after mergin
 and ``osrm_lora.json`` (task, init, subspace fingerprint, seed, settings, dev metrics, timings, base model
 and its config hash, versions). Training runs in ``output_dir.partial/`` with Trainer checkpoints and the
 final folder appears in one rename, so an interrupted run leaves no ``output_dir``; ``resume=True``
-continues from the partial folder's last checkpoint.
+continues from the partial folder's last complete checkpoint (`checkpoints`; the last two are kept).
 
 PiSSA and OLoRA subtract the adapter's initial product from the base weights, so their trained adapter is
 only valid on that modified base, never on the shared base that merging needs. The adapter is therefore
@@ -46,14 +46,14 @@ from transformers import (
     set_seed,
 )
 from transformers.pytorch_utils import Conv1D
-from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 from .adapters import lora_scale
+from .checkpoints import KEEP, resumable_checkpoint
 from .errors import TrainingError
 from .inits import InitSpec, get_init, list_inits
-from .io import atomic_dir, load_tensors, save_tensors, write_json
-from .modules import default_target_modules, find_target_modules
+from .io import atomic_dir, check_output, load_tensors, save_tensors, write_json
+from .modules import default_target_modules, find_target_modules, in_out_features
 from .runtime.models import load_model_and_tokenizer
 from .settings import LoraSettings, TrainingSettings
 from .stats import TaskStats, model_config_hash
@@ -66,6 +66,7 @@ METADATA_NAME = "osrm_lora.json"
 METADATA_FORMAT = "osrm-lora/adapter/1"
 RUN_NAME = "run.json"
 INITIAL_FACTORS = "initial_factors.safetensors"
+OUTPUT_KIND = "adapter"  # the io marker kind of a trained adapter folder (as `LoraAdapter.save` writes)
 _EVAL_BOOKKEEPING = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
 
 
@@ -175,6 +176,11 @@ def _lora_config(model, lora: LoraSettings, init: InitSpec):
     """PEFT config; SEQ_CLS makes PEFT train and save the head (`classifier`/`score`) with the adapter."""
     targets = lora.target_modules or default_target_modules(model.config.model_type)
     layers = find_target_modules(model, targets)
+    for name, layer in layers.items():
+        d_in, d_out = in_out_features(layer)
+        if lora.r > min(d_in, d_out):  # B·A would have more directions than the weight itself
+            raise TrainingError(f"lora.r={lora.r} exceeds module {name}'s size {d_out}×{d_in} (out×in); "
+                                f"use r ≤ {min(d_in, d_out)}")
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=lora.r,
@@ -231,6 +237,7 @@ def _training_arguments(
         eval_strategy="epoch" if training.eval_each_epoch and has_dev else "no",
         save_strategy="steps" if training.save_steps else "epoch",
         save_steps=training.save_steps or 500,
+        save_total_limit=KEEP,
         logging_strategy="steps",
         logging_steps=training.logging_steps,
         seed=seed,
@@ -257,6 +264,11 @@ class StepTimer(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._start)
+
+
+def partial_dir(output_dir: Path) -> Path:
+    """Where a run trains (its checkpoints) until its adapter is written to `output_dir`."""
+    return output_dir.with_name(output_dir.name + ".partial")
 
 
 def _prepare_partial(partial: Path, run: dict, resume: bool) -> None:
@@ -346,7 +358,8 @@ def finetune(
     init_spec = _check_init(init, subspace, other_stats)
     spec = task.spec
     output_dir = Path(output_dir)
-    partial = output_dir.with_name(output_dir.name + ".partial")
+    check_output(output_dir, OUTPUT_KIND, folder=True)  # refused now rather than after training
+    partial = partial_dir(output_dir)
     has_dev = task.has_split("dev")
     args, precision = _training_arguments(training, partial, spec, seed, has_dev)
 
@@ -373,7 +386,7 @@ def finetune(
     with args.main_process_first(desc="prepare the partial folder", local=False):
         if args.process_index == 0:
             _prepare_partial(partial, run, resume)
-    checkpoint = get_last_checkpoint(str(partial)) if resume else None
+        checkpoint = resumable_checkpoint(partial, args.process_index == 0) if resume else None
     initial = (_initial_factors(peft_model, partial, checkpoint, args.process_index == 0)
                if init_spec.mutates_base else None)
 
@@ -406,7 +419,7 @@ def finetune(
         "versions": _versions(),
     }
     if trainer.is_world_process_zero():
-        with atomic_dir(output_dir, "adapter") as tmp:
+        with atomic_dir(output_dir, OUTPUT_KIND) as tmp:
             _save_adapter(peft_model, tmp, initial)
             tokenizer.save_pretrained(str(tmp))
             metadata["wall_time_s"] = time.perf_counter() - start

@@ -27,9 +27,16 @@ err = Console(stderr=True)
 
 
 def fail(message: str) -> NoReturn:
-    """Print `error: message` on stderr and exit with code 2 (a usage or input error)."""
-    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    """Print `error: message` on stderr and exit with code 2 (a usage or input error); a long line is left
+    to the terminal to wrap, so that it stays one line in logs and pipes."""
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def interrupted(how_to_resume: str) -> NoReturn:
+    """After Ctrl-C: say what is kept and how to go on, then exit with code 130 (as a shell does)."""
+    err.print(f"[yellow]interrupted[/yellow]: {escape(how_to_resume)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
 
 
 class ReportErrors(TyperGroup):

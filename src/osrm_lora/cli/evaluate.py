@@ -60,6 +60,7 @@ def evaluate_cmd(
     if not head_tensors:
         fail(f"{adapter}: carries no task head; pass --head with the task's own adapter folder")
     evaluator = EvaluationModel.load(model, the_task.spec, trust_remote_code=trust_remote_code)
+    _check_head(head_tensors, evaluator.model, the_task, head or adapter)
     dressed = evaluator.apply(lora.deltas(), head_tensors, source=str(adapter))
     with to_stderr():
         metrics = evaluate_task(
@@ -86,6 +87,21 @@ def evaluate_cmd(
     for key, value in metrics.items():
         table.add_row(key + (" (primary)" if key == the_task.spec.primary_metric else ""), f"{value:.4f}")
     out.print(table)
+
+
+def _check_head(head: dict, model, task, source: Path) -> None:
+    """A head of another task's size would score without error and mean nothing: refused before evaluating."""
+    from ..errors import EvaluationError
+
+    params = dict(model.named_parameters())
+    for key, tensor in head.items():
+        wanted = params.get(key)
+        if wanted is not None and tuple(tensor.shape) != tuple(wanted.shape):
+            raise EvaluationError(
+                f"{source}: head tensor {key} is {tuple(tensor.shape)}, but task {task.name!r} "
+                f"({task.spec.num_labels} outputs) needs {tuple(wanted.shape)}: the head is another task's; "
+                f"pass --head with an adapter trained on this task"
+            )
 
 
 @app.command(

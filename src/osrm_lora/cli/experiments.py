@@ -10,7 +10,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from .common import err, fail, out, print_json, print_tables, quiet_libraries, to_stderr
+from .common import err, fail, interrupted, out, print_json, print_tables, quiet_libraries, to_stderr
 from .options import ForceOpt, JsonOpt, QuietOpt
 
 app = typer.Typer()
@@ -61,8 +61,7 @@ def _run_config(config, force: list[str] | None, quiet: bool, as_json: bool) -> 
                 else (lambda message: err.print(f"[cyan]•[/cyan] {message}")),
             )
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]: finished work is kept; run the same command again to resume")
-        raise typer.Exit(130) from None
+        interrupted("finished work is kept; run the same command again to resume")
     stages = {name: {"ran": len(s.ran), "skipped": len(s.skipped)} for name, s in summary.stages.items()}
     if as_json:
         print_json(

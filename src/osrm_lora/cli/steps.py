@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..inits import get_init, list_inits
-from .common import fail, load_task, out, print_json, print_listing, quiet_libraries, to_stderr
+from .common import fail, interrupted, load_task, out, print_json, print_listing, quiet_libraries, to_stderr
 from .options import (
     MODEL,
     TASK,
@@ -59,7 +59,10 @@ def stats(
     stats ...`): each process feeds its share of the sample, the sums are all-reduced, rank 0 writes.
     """
     from ..distributed import collect_task_stats, init_from_env, is_main
+    from ..io import check_output
+    from ..stats import FORMAT
 
+    check_output(out_file, FORMAT, folder=False)  # refused before the model runs, not after
     quiet_libraries()
     init_from_env()
     the_task = load_task(task, glue_dir, files, task_option)
@@ -141,16 +144,34 @@ def _inits_table(inits: list[dict]) -> Table:
     return table
 
 
+def _settings_sections(path: Path) -> dict[str, dict]:
+    """The --settings file's `lora:` and `training:` sections. Any experiment-file section may be there (an
+    experiment file serves); another key is a typo, refused rather than leaving the defaults in force."""
+    from ..errors import did_you_mean
+    from ..settings import ConfigError, ExperimentConfig, read_yaml
+
+    data = read_yaml(path, "settings file") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a settings file is a mapping with `lora:` and `training:` sections, "
+                          f"not a {type(data).__name__}")
+    known = list(ExperimentConfig.model_fields)
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown section {key!r}{did_you_mean(str(key), known)}; train reads "
+                              f"`lora:` and `training:`")
+        if key in ("lora", "training") and not isinstance(value or {}, dict):
+            raise ConfigError(f"{path}: {key}: a mapping of settings, not a {type(value).__name__}")
+    return {key: dict(data.get(key) or {}) for key in ("lora", "training")}
+
+
 def _train_settings(path: Path | None, r: int | None, flags: dict[str, Any], quiet: bool):
     """The LoRA and training settings: the --settings file's `lora:`/`training:` sections, then the flags."""
-    import yaml
     from pydantic import ValidationError
 
     from ..settings import ConfigError, LoraSettings, TrainingSettings, format_validation_error
 
-    sections = (yaml.safe_load(path.read_text()) if path else None) or {}
-    lora_opts = dict(sections.get("lora") or {})
-    train_opts = dict(sections.get("training") or {})
+    sections = _settings_sections(path) if path else {"lora": {}, "training": {}}
+    lora_opts, train_opts = sections["lora"], sections["training"]
     if r is not None:
         lora_opts["r"] = r
     train_opts.update({k: v for k, v in flags.items() if v is not None})
@@ -222,23 +243,27 @@ def train(
         settings, r, {"lr": lr, "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size}, quiet
     )
     from ..subspace import Subspace
-    from ..train import finetune
+    from ..train import finetune, partial_dir
 
     quiet_libraries()
     the_task = load_task(task, glue_dir, files, task_option)
-    with to_stderr():
-        result = finetune(
-            the_task,
-            model,
-            out_dir,
-            init=init,
-            subspace=Subspace.load(subspace) if subspace else None,
-            lora=lora,
-            training=training,
-            seed=seed,
-            resume=resume,
-            trust_remote_code=trust_remote_code,
-        )
+    try:
+        with to_stderr():
+            result = finetune(
+                the_task,
+                model,
+                out_dir,
+                init=init,
+                subspace=Subspace.load(subspace) if subspace else None,
+                lora=lora,
+                training=training,
+                seed=seed,
+                resume=resume,
+                trust_remote_code=trust_remote_code,
+            )
+    except KeyboardInterrupt:
+        interrupted(f"checkpoints are kept in {partial_dir(out_dir)}; run the same command with --resume to "
+                    f"continue from the last one")
     _print_trained(result, as_json)
 
 

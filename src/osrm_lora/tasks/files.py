@@ -1,8 +1,11 @@
 """Users' own tasks from CSV, TSV or JSONL files with a column mapping.
 
-Labels may be class names or class ids; without `label_names` the classes are the distinct labels found
-(ids 0..max when all are non-negative integers, else the sorted names). With `regression=True` the label is
-a number. CSV/TSV files need a header row. Without a dev file, a seeded stratified 10% of train becomes dev.
+Labels may be class names or class ids; without `label_names` the classes are the distinct labels of the
+train file (ids 0..N-1 when all are non-negative integers, else the sorted names). A label only another split
+has, or ids with gaps, would be a class never trained: refused, as `label_names` states the classes when that
+is meant. `label_names` and `metrics` may be one comma-separated string (`--task-option label_names=neg,pos`).
+With `regression=True` the label is a number. CSV/TSV files need a header row. Without a dev file, a seeded
+stratified 10% of train becomes dev.
 """
 
 from __future__ import annotations
@@ -91,12 +94,38 @@ def read_records(
         return parse_rows(str(path), rows, lambda fields: build(get(fields)))
 
 
-def infer_label_names(raw_labels: Sequence[Any]) -> tuple[str, ...]:
-    """Class names from the labels seen: '0'..'max' if all are non-negative integers, else sorted names."""
+def infer_label_names(raw_labels: Sequence[Any], where: str = "labels") -> tuple[str, ...]:
+    """Class names from the labels seen: '0'..'N-1' if all are non-negative integers, else sorted names.
+    Integer ids with gaps ({0, 1, 5}) are refused: the missing ids would be classes without examples."""
     values = {str(v).strip() for v in raw_labels}
-    if all(v.isdigit() for v in values):
-        return tuple(str(i) for i in range(max(int(v) for v in values) + 1))
-    return tuple(sorted(values))
+    if not all(v.isdigit() for v in values):
+        return tuple(sorted(values))
+    ids = sorted({int(v) for v in values})
+    missing = sorted(set(range(ids[-1] + 1)) - set(ids))
+    if missing:
+        raise TaskError(f"{where}: label ids {ids} skip {missing}, classes without examples; renumber them "
+                        f"0..{len(ids) - 1}, or give label_names (one name per id 0..{ids[-1]}) to keep "
+                        f"empty classes")
+    return tuple(str(i) for i in ids)
+
+
+def _train_classes(name: str, raw: Mapping[str, list[dict]], paths: Mapping[str, Path]) -> tuple[str, ...]:
+    """The classes of the train file's labels; a label only another split has is refused, not added."""
+    names = infer_label_names([r["label"] for r in raw["train"]], f"task {name!r}, {paths['train']}")
+    for split, rows in raw.items():
+        unseen = sorted({r["label"] for r in rows} - set(names))
+        if unseen:
+            raise TaskError(f"task {name!r}: {paths[split]} has label(s) {unseen[:5]} that the train file "
+                            f"{paths['train']} never has, so no class could learn them; fix the labels, or "
+                            f"give label_names to state the classes")
+    return names
+
+
+def _name_list(value: str | Sequence[str] | None) -> Sequence[str] | None:
+    """A list option given as one string is comma-separated (`label_names=negative,positive`)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 def load_file_task(
@@ -117,6 +146,7 @@ def load_file_task(
     paths = {"train": Path(files)} if isinstance(files, (str, os.PathLike)) else {k: Path(v) for k, v in files.items()}
     if "train" not in paths:
         raise TaskError(f"task {name!r}: files must include a 'train' file, got splits {sorted(paths)}")
+    label_names, metrics = _name_list(label_names), _name_list(metrics)
     if regression and label_names is not None:
         raise TaskError(f"task {name!r}: give either label_names or regression=True, not both")
     columns = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
@@ -134,7 +164,7 @@ def load_file_task(
     else:
         raw = {s: read_records(p, columns, lambda v: str(v).strip(), format=format, quoting=quoting)
                for s, p in paths.items()}
-        spec = spec_for(infer_label_names([r["label"] for rows in raw.values() for r in rows]))
+        spec = spec_for(_train_classes(name, raw, paths))
     data = {s: records_to_dataset(spec, rows, str(paths[s])) for s, rows in raw.items()}
     if "dev" not in data:
         train = data["train"]

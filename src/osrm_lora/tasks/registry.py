@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import re
 from collections.abc import Mapping
@@ -10,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import did_you_mean
 from . import builtin, glue
 from .files import load_file_task
 from .spec import TaskError, TaskSpec, UnknownTaskError
@@ -60,6 +62,7 @@ def get_task(
     `file_options` (users' files only): text_column, text_pair_column, label_column, label_names, regression,
     metrics, primary_metric, format, quoting.
     """
+    _check_options(name, file_options)
     if source is not None and source not in SOURCES:
         raise TaskError(f"task {name!r}: unknown source {source!r} (choose from {SOURCES})")
     if files is not None or source == "files":
@@ -81,6 +84,24 @@ def get_task(
     if source not in (None, "builtin"):
         raise TaskError(f"task {canonical!r} is a built-in task; source {source!r} does not provide it")
     return builtin.load_builtin(canonical, progress=progress)
+
+
+def _keywords(function) -> tuple[str, ...]:
+    return tuple(p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+
+def task_options() -> tuple[str, ...]:
+    """Every option `get_task` takes besides the name: its sources' own, then those of users' files."""
+    return (*_keywords(get_task), *_keywords(load_file_task))
+
+
+def _check_options(name: str, file_options: Mapping[str, Any]) -> None:
+    """A misspelt option is an error naming it, never a keyword a loader would choke on or ignore."""
+    allowed = task_options()
+    for key in file_options:
+        if key not in _keywords(load_file_task):
+            hint = did_you_mean(key, allowed)
+            raise TaskError(f"task {name!r}: unknown option {key!r}{hint}; the options are {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
