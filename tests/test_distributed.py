@@ -1,8 +1,8 @@
 """Several processes: sharding, statistics under torchrun equal to one process, DDP training saved once.
 
 The multi-process tests share one launch of `python -m torch.distributed.run --nproc_per_node 2` on CPU (Gloo)
-of tests/dist_scripts/worker.py (which also runs the `osrm-lora stats` command), on a tiny random BERT saved
-with an offline word-level tokenizer.
+of tests/dist_scripts/worker.py (which also runs the `osrm-lora stats` and `osrm-lora train` commands), on a
+tiny random BERT saved with an offline word-level tokenizer.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ WORDS = ["good", "bad", *FILLERS]
 SPEC = TaskSpec("sentiment", ("text",), ("negative", "positive"), ("accuracy",), "accuracy")
 LAUNCH_TIMEOUT_S = 300
 STATS_SAMPLES, STATS_BATCH = 41, 4  # 41 of 61 rows: odd, so the two shards differ in size
+# `osrm-lora train` under torchrun vs one process: 64 rows, 4 per process and step vs 8 in one process
+TRAIN_ROWS, DDP_BATCH = 64, 4
+TRAIN_SETTINGS = {"lora": {"r": 2, "dropout": 0.0},
+                  "training": {"epochs": 1, "logging_steps": 1, "warmup_ratio": 0.0, "progress": False}}
 
 
 def _rows(n: int, seed: int) -> list[dict]:
@@ -57,15 +61,30 @@ def _tokenizer() -> PreTrainedTokenizerFast:
                                    sep_token="[SEP]")
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-bert")
+def _save_bert(path: Path, **dropout: float) -> str:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(WORDS) + 4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=32, initializer_range=0.2)
+                        intermediate_size=48, max_position_embeddings=32, initializer_range=0.2, **dropout)
     BertModel(config).save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> str:
+    return _save_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def train_inputs(tmp_path_factory) -> dict:
+    """For the training comparison: a BERT without dropout (whose random masks would differ between one
+    process and two), TRAIN_ROWS training rows (whole global batches) and 16 dev rows as JSONL, the settings."""
+    root = tmp_path_factory.mktemp("ddp-train")
+    model = _save_bert(root / "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    for split, rows in (("train", _rows(TRAIN_ROWS, 2)), ("dev", _rows(16, 3))):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (root / "settings.yaml").write_text(json.dumps(TRAIN_SETTINGS))  # JSON is YAML
+    return {"model": model, "data": root, "adapter": root / "adapters" / "sentiment"}
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +118,16 @@ def _torchrun(script: Path, *args: object, cwd: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(bert_dir, task_file, tmp_path_factory) -> dict:
-    """One torchrun launch of tests/dist_scripts/worker.py: the stats command, sharded statistics, DDP training;
-    the output paths and the launch's printed output."""
+def two_process_run(bert_dir, task_file, train_inputs, tmp_path_factory) -> dict:
+    """One torchrun launch of tests/dist_scripts/worker.py: the stats command, sharded statistics, DDP training,
+    the train command; the output paths and the launch's printed output."""
     root = tmp_path_factory.mktemp("torchrun")
     paths = {"stats": root / "stats" / "sentiment.safetensors", "adapter": root / "adapters" / "sentiment",
              "logs": root / "logs", "cli_stats": root / "cli" / "sentiment.safetensors"}
     paths["logs"].mkdir()
     output = _torchrun(WORKER, bert_dir, task_file, paths["stats"], STATS_SAMPLES, STATS_BATCH, paths["adapter"],
-                       paths["logs"], paths["cli_stats"], cwd=root)
+                       paths["logs"], paths["cli_stats"], train_inputs["model"], train_inputs["data"],
+                       train_inputs["adapter"], cwd=root)
     return {**paths, "output": output}
 
 
@@ -224,3 +244,60 @@ def test_two_process_training_saves_the_adapter_once(bert_dir, two_process_run):
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
     lora_b = [v for k, v in saved.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # trained, not the zero init
+
+
+def _logged(history: list[dict], key: str) -> list[float]:
+    return [entry[key] for entry in history if key in entry]
+
+
+def test_two_process_train_command_equals_one_process_at_the_same_global_batch(train_inputs, two_process_run,
+                                                                                tmp_path):
+    """`osrm-lora train` under torchrun (2 × 4 examples per step) logs the losses and gradient norms of one
+    process with 8 per step, ends with the same adapter, and prints its result once. transformers 5 once
+    multiplied the losses and gradients by the number of processes (`average_tokens_across_devices` with a
+    loss that ignores `num_items_in_batch`)."""
+    from osrm_lora import train
+    from osrm_lora.tasks import get_task
+
+    data = train_inputs["data"]
+    task = get_task("sentiment", files={s: str(data / f"{s}.jsonl") for s in ("train", "dev")},
+                    label_names=["negative", "positive"])
+    single = train.finetune(task, train_inputs["model"], tmp_path / "one", init="gaussian", lora=TRAIN_SETTINGS["lora"],
+                            training={**TRAIN_SETTINGS["training"], "batch_size": 2 * DDP_BATCH}, seed=5)
+    logs = two_process_run["logs"]
+    histories = [json.loads((logs / f"cli_history_rank{r}.json").read_text()) for r in (0, 1)]
+    assert single.steps == TRAIN_ROWS // (2 * DDP_BATCH) == len(_logged(histories[0], "loss"))
+    for key in ("loss", "grad_norm", "eval_loss", "eval_accuracy"):
+        expected = _logged(single.history, key)
+        assert expected, key
+        for history in histories:
+            torch.testing.assert_close(_logged(history, key), expected, rtol=1e-4, atol=1e-6, msg=key)
+    want = train.lora_state(single.model)
+    for r in (0, 1):
+        got = load_file(str(logs / f"cli_lora_rank{r}.safetensors"))
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert two_process_run["output"].count(f"{train_inputs['adapter']}: {single.steps} steps, train loss") == 1
+
+
+def test_gradient_accumulation_equals_the_larger_batch(train_inputs, tmp_path):
+    """The same fix in one process: 4 examples × 2 accumulated micro-batches log and train as 8 at once
+    (the per-batch mean loss was not divided by grad_accum, so losses and gradients came out doubled)."""
+    from osrm_lora import train
+    from osrm_lora.tasks import get_task
+
+    data = train_inputs["data"]
+    task = get_task("sentiment", files={s: str(data / f"{s}.jsonl") for s in ("train", "dev")},
+                    label_names=["negative", "positive"])
+    runs = [train.finetune(task, train_inputs["model"], tmp_path / f"b{batch}", init="gaussian",
+                           lora=TRAIN_SETTINGS["lora"], seed=5,
+                           training={**TRAIN_SETTINGS["training"], "batch_size": batch, "grad_accum": accum,
+                                     "eval_each_epoch": False})
+            for batch, accum in ((8, 1), (4, 2))]
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(_logged(runs[1].history, key), _logged(runs[0].history, key), rtol=1e-4,
+                                   atol=1e-6, msg=key)
+    want = train.lora_state(runs[0].model)
+    for key, value in train.lora_state(runs[1].model).items():
+        torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -446,3 +446,243 @@ def parse_demo() -> ExperimentConfig:
     return parse_experiment(
         yaml.safe_load(demo_config_text()), source=f"osrm_lora/configs/{DEMO_RESOURCE}", base_dir=Path.cwd()
     )
+
+
+# ------------------------------------------------------------------ the merge file (`osrm-lora merge --config`)
+# mergekit's YAML for LoRA adapters: `models:` (each `model:` and `parameters:`), `merge_method:`, `base_model:`,
+# global `parameters:`. docs/merge_file.md is the reference; `parse_merge_file` resolves a file to a registered
+# method and its hyper-parameters, every error naming the key.
+
+# mergekit's method names with their registered counterpart and the hyper-parameters that make it that method.
+MERGEKIT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "linear": ("task_arithmetic", {}),
+    "task_arithmetic": ("task_arithmetic", {}),
+    "ties": ("ties", {}),
+    "dare_linear": ("dare", {"combine": "linear"}),
+    "dare_ties": ("dare", {"combine": "ties"}),
+}
+MERGEKIT_UNSUPPORTED = (
+    "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher", "model_stock",
+    "multislerp", "nearswap", "nuslerp", "passthrough", "sce", "slerp",
+)
+# mergekit's `normalize` default per method; linear, TIES and DARE-TIES here only work normalized.
+_NORMALIZE_DEFAULT = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": True}
+# With normalize, mergekit divides the weighted sum by the weights' sum; the TIES disjoint mean here already
+# divides by the number of agreeing adapters, so its weights are divided by their mean instead (equal weights
+# then give mergekit's result whatever their value).
+_DIVIDES_BY_COUNT = ("ties", "dare_ties")
+_ALWAYS_NORMALIZED = {
+    "linear": "a weighted average of whole models is an adapter only when the weights sum to 1",
+    "ties": "the disjoint mean divides by the number of agreeing adapters",
+    "dare_ties": "the disjoint mean divides by the number of agreeing adapters",
+}
+# mergekit's top-level keys that do not apply to LoRA adapters, refused with the reason.
+_MERGEKIT_ONLY_KEYS = ("chat_template", "dtype", "out_dtype", "slices", "tokenizer", "tokenizer_source")
+_INPUT_KINDS = ("stats", "fisher")
+
+
+class MergeModelEntry(_Strict):
+    """One adapter of a merge file and its own parameters."""
+
+    model: str = Field(min_length=1, description="adapter folder (relative to the file) or Hub id user/repo[@rev]")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="per-adapter: weight")
+    stats: str | None = Field(None, description="its statistics file (RegMean): a path or a Hub file")
+    fisher: str | None = Field(None, description="its Fisher diagonal file (Fisher merging): a path or a Hub file")
+
+
+class MergeFile(_Strict):
+    """A merge file as written: mergekit's four keys."""
+
+    merge_method: str = Field(min_length=1, description="a mergekit name (linear, ties, ...) or a registered method")
+    models: list[MergeModelEntry] = Field(min_length=1)
+    base_model: str | None = Field(None, description="checked against the base the adapters record")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="global: lambda, density, weight, ...")
+
+
+class MergeRecipe(BaseModel):
+    """A merge file resolved: what `merge_adapters` takes, plus the base model to check."""
+
+    model_config = ConfigDict(frozen=True)
+
+    method: str  # the registered method
+    params: dict[str, Any]  # its hyper-parameters as given (λ as `scaling`, per-adapter `weights`), validated
+    adapters: list[str]  # local paths (resolved) or Hub ids, in file order
+    inputs: dict[str, list[str]]  # per-adapter input files by kind (stats, fisher)
+    base_model: str | None
+    written_method: str  # merge_method as written
+
+
+def _merge_error(source: str, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {message}")
+
+
+def _value(source: str, key: str, value: Any, number: bool = False) -> Any:
+    """One value: mergekit's per-layer gradients (lists) and filters (mappings) have no per-module meaning here."""
+    if isinstance(value, (list, dict)):
+        raise _merge_error(source, key, "one value, not a per-layer gradient or filter list (not supported)")
+    if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise _merge_error(source, key, f"a number, got {value!r}")
+    return value
+
+
+def _resolve_method(name: str, source: str) -> tuple[str, dict[str, Any]]:
+    from .merge.registry import get_method
+
+    if name in MERGEKIT_METHODS:
+        return MERGEKIT_METHODS[name]
+    if name in MERGEKIT_UNSUPPORTED:
+        raise _merge_error(source, "merge_method", f"mergekit's {name!r} has no LoRA counterpart here; mergekit "
+                           f"names: {', '.join(MERGEKIT_METHODS)}, or a method of `osrm-lora merge --list`")
+    try:
+        get_method(name)
+    except OsrmLoraError as exc:
+        raise _merge_error(source, "merge_method", f"{exc}; mergekit names: {', '.join(MERGEKIT_METHODS)}") from None
+    return name, {}
+
+
+def _global_params(file: MergeFile, method: str, fixed: dict[str, Any], source: str) -> tuple[dict, Any, bool]:
+    """The global `parameters:` as the method's hyper-parameters; also the default weight and `normalize`."""
+    from .merge.registry import get_method
+
+    written = file.merge_method
+    params = {k: _value(source, f"parameters.{k}", v) for k, v in file.parameters.items()}
+    if "lambda" in params:
+        if "scaling" in params:
+            raise _merge_error(source, "parameters.lambda", "give λ once, as lambda or as scaling")
+        params["scaling"] = params.pop("lambda")
+    if "scaling" in params and not get_method(method).post_scale:
+        raise _merge_error(source, "parameters.lambda", f"merge method {method!r} has no global λ")
+    params.pop("int8_mask", None)  # mergekit's memory option; merges here are float32
+    normalize = params.pop("normalize", _NORMALIZE_DEFAULT.get(written))
+    if written not in _NORMALIZE_DEFAULT and normalize is not None:
+        raise _merge_error(source, "parameters.normalize", f"mergekit's option; {written!r} takes none")
+    if written in _ALWAYS_NORMALIZED and normalize is not True:
+        raise _merge_error(source, "parameters.normalize", f"only true for {written}: {_ALWAYS_NORMALIZED[written]}")
+    if written.startswith("dare_"):
+        if params.pop("rescale", True) is not True:
+            raise _merge_error(source, "parameters.rescale", "DARE here always rescales the kept entries by 1/(1-p)")
+        if "density" in params:
+            if "drop_rate" in params:
+                raise _merge_error(source, "parameters.density", "give density (mergekit) or drop_rate, not both")
+            density = _value(source, "parameters.density", params.pop("density"), number=True)
+            if not 0 < density <= 1:
+                raise _merge_error(source, "parameters.density", f"the fraction kept, in (0, 1], got {density!r}")
+            params["drop_rate"] = 1.0 - float(density)
+    for key, value in fixed.items():
+        if params.setdefault(key, value) != value:
+            raise _merge_error(source, f"parameters.{key}", f"{written} is {method} with {key}={value!r}")
+    return params, params.pop("weight", None), bool(normalize)
+
+
+def _weights(entries: list[tuple[int, MergeModelEntry]], method: str, default: Any, normalize: bool, source: str,
+             written: str) -> list[float] | None:
+    """Per-adapter weights: each entry's `parameters.weight`, else the global one, else 1; with normalize,
+    divided by their sum (by their mean for TIES). Every other per-adapter parameter is refused, naming it:
+    the methods here take them globally only."""
+    from .merge.registry import get_method
+
+    takes_weights = "weights" in get_method(method).params.model_fields
+    if default is not None:
+        _value(source, "parameters.weight", default, number=True)
+        if not takes_weights:
+            raise _merge_error(source, "parameters.weight", f"merge method {method!r} takes no per-adapter weights")
+    given = default is not None
+    for i, entry in entries:
+        for key, value in entry.parameters.items():
+            where = f"models[{i}].parameters.{key}"
+            if key != "weight":
+                known = key in get_method(method).params.model_fields or key in ("density", "lambda", "normalize")
+                raise _merge_error(source, where, f"merge method {method!r} takes {key} only globally; set it once "
+                                   "under the top-level `parameters:`" if known else
+                                   "unknown per-adapter parameter (per-adapter: weight)")
+            if not takes_weights:
+                raise _merge_error(source, where, f"merge method {method!r} takes no per-adapter weights")
+            _value(source, where, value, number=True)
+            given = True
+    if not (given or normalize):
+        return None
+    weights = [float(e.parameters.get("weight", 1.0 if default is None else default)) for _, e in entries]
+    if normalize:
+        if sum(weights) == 0:
+            raise _merge_error(source, "models", "normalize divides the weights by their sum, which is 0")
+        divisor = sum(weights) / (len(weights) if written in _DIVIDES_BY_COUNT else 1)
+        weights = [w / divisor for w in weights]
+    return weights
+
+
+def _file_path(value: str, base_dir: Path | None) -> str:
+    """A path relative to the merge file's folder when it exists there; else as written (a Hub id)."""
+    path = Path(value).expanduser()
+    if base_dir is not None and not path.is_absolute() and (base_dir / path).exists():
+        return str((base_dir / path).resolve())
+    return str(path) if value.startswith("~") else value
+
+
+def _inputs(entries: list[tuple[int, MergeModelEntry]], base_dir: Path | None, source: str) -> dict[str, list[str]]:
+    inputs = {}
+    for kind in _INPUT_KINDS:
+        files = [getattr(e, kind) for _, e in entries]
+        if any(files):
+            missing = next(i for (i, _), f in zip(entries, files) if not f) if not all(files) else None
+            if missing is not None:
+                raise _merge_error(source, f"models[{missing}].{kind}", f"missing: give {kind} for every adapter")
+            inputs[kind] = [_file_path(f, base_dir) for f in files]
+    return inputs
+
+
+def parse_merge_file(data: Any, source: str = "<merge file>", base_dir: Path | None = None) -> MergeRecipe:
+    """Validate a merge file's data and resolve it to a registered method (docs/merge_file.md). An entry of
+    `models:` naming the base model without parameters (mergekit lists it so) is skipped."""
+    from .merge.registry import get_method
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a merge file is a mapping (models:, merge_method:, ...), "
+                          f"not a {type(data).__name__}")
+    for key in _MERGEKIT_ONLY_KEYS:
+        if key in data:
+            raise _merge_error(source, key, "mergekit's option does not apply to LoRA adapters (merged and saved in "
+                               "float32, with the base model's tokenizer); remove it")
+    try:
+        file = MergeFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+    method, fixed = _resolve_method(file.merge_method, source)
+    entries = [(i, e) for i, e in enumerate(file.models) if not (e.model == file.base_model and not e.parameters)]
+    if not entries:
+        raise _merge_error(source, "models", "no adapter besides the base model")
+    params, default_weight, normalize = _global_params(file, method, fixed, source)
+    weights = _weights(entries, method, default_weight, normalize, source, file.merge_method)
+    if weights is not None:
+        params["weights"] = weights
+    try:
+        get_method(method).parse(params)
+    except OsrmLoraError as exc:
+        raise _merge_error(source, "parameters", str(exc)) from None
+    return MergeRecipe(
+        method=method, params=params, adapters=[_file_path(e.model, base_dir) for _, e in entries],
+        inputs=_inputs(entries, base_dir, source), written_method=file.merge_method,
+        base_model=_file_path(file.base_model, base_dir) if file.base_model else None,
+    )
+
+
+def load_merge_file(path: str | Path) -> MergeRecipe:
+    """Read and resolve a merge YAML file; relative adapter and input paths are relative to its folder."""
+    path = Path(path)
+    return parse_merge_file(read_yaml(path, "merge file"), source=str(path), base_dir=path.parent.resolve())
+
+
+def check_base_model(recipe: MergeRecipe, recorded: dict[str, list[str]], source: str) -> None:
+    """The file's `base_model` must be the base of every adapter. `recorded` lists, per adapter, the names its
+    base goes by (PEFT's base_model_name_or_path, the name osrm-lora trained it with); one matches when it is
+    the same string or the same folder. An adapter that records no base is not checked."""
+    given = recipe.base_model
+    if given is None:
+        return
+    for adapter, names in recorded.items():
+        if names and not any(name == given or _same_folder(name, given) for name in names):
+            raise _merge_error(source, "base_model", f"{given!r}, but adapter {adapter!r} records base "
+                               f"{' / '.join(repr(n) for n in names)}")
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve()

@@ -457,7 +457,14 @@ def _initial_factors(peft_model, partial: Path, checkpoint: str | None, main: bo
 
 def _trainer(peft_model, args: TrainingArguments, train_set, dev_set, tokenizer, spec: TaskSpec,
              callbacks: list[TrainerCallback]) -> Trainer:
-    return Trainer(
+    """The Trainer, told that the model's loss is a per-batch mean.
+
+    Sequence-classification heads accept `**kwargs` but ignore `num_items_in_batch`. Taking such a loss for a
+    sum over the batch's items, transformers ≥ 4.46 would skip the division by `grad_accum` and, with
+    `average_tokens_across_devices` (on by default in 5), multiply by the number of processes: the logged
+    losses and the gradients before clipping would be grad_accum × N too large.
+    """
+    trainer = Trainer(
         model=peft_model,
         args=args,
         train_dataset=train_set,
@@ -466,6 +473,8 @@ def _trainer(peft_model, args: TrainingArguments, train_set, dev_set, tokenizer,
         compute_metrics=_metrics_fn(spec),
         callbacks=callbacks,
     )
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 def _dev_metrics(trainer: Trainer) -> dict[str, float]:

@@ -5,9 +5,13 @@
 2. statistics of the same task sharded across the ranks (`collect_task_stats`), written by rank 0;
 3. `train.finetune` with the Trainer's DDP in the same process group. Which ranks write the adapter is
    logged by wrapping `train._save_adapter`, and each rank's final LoRA state is saved, so the test can
-   check that only rank 0 saved and that the replicas stayed in sync.
+   check that only rank 0 saved and that the replicas stayed in sync;
+4. the `osrm-lora train` command on a dropout-free model (TRAIN_MODEL_DIR, with the JSONL files and settings
+   file in TRAIN_DATA_DIR), `train.finetune` wrapped to save each rank's log history and final LoRA state,
+   so the test can compare them with one process at the same global batch.
 
 Usage: worker.py MODEL_DIR TASK_JSON STATS_FILE SAMPLES BATCH_SIZE ADAPTER_DIR LOG_DIR CLI_STATS_FILE
+       TRAIN_MODEL_DIR TRAIN_DATA_DIR TRAIN_ADAPTER_DIR
 """
 
 import json
@@ -23,6 +27,7 @@ from osrm_lora.distributed import collect_task_stats, init_from_env, rank, world
 from osrm_lora.tasks import Task, TaskSpec
 
 model_dir, task_json, stats_file, samples, batch_size, adapter_dir, log_dir, cli_stats_file = sys.argv[1:9]
+train_model_dir, train_data, train_adapter_dir = sys.argv[9:12]
 torch.set_num_threads(1)
 log = Path(log_dir)
 files = Path(task_json).parent
@@ -59,3 +64,26 @@ result = train.finetune(
 )
 save_file({k: v.contiguous() for k, v in train.lora_state(result.model).items()},
           str(log / f"lora_rank{rank()}.safetensors"))
+
+train._save_adapter = save_adapter  # saves.txt counts the saves of step 3 only
+finetune = train.finetune
+
+
+def recorded_finetune(*args, **kwargs):
+    result = finetune(*args, **kwargs)
+    (log / f"cli_history_rank{rank()}.json").write_text(json.dumps(result.history))
+    save_file({k: v.contiguous() for k, v in train.lora_state(result.model).items()},
+              str(log / f"cli_lora_rank{rank()}.safetensors"))
+    return result
+
+
+train.finetune = recorded_finetune
+data_dir = Path(train_data)
+code = app(
+    ["train", "--model", train_model_dir, "--task", "sentiment", "--files", f"train={data_dir / 'train.jsonl'}",
+     "--files", f"dev={data_dir / 'dev.jsonl'}", "--task-option", "label_names=[negative, positive]",
+     "--settings", str(data_dir / "settings.yaml"), "--batch-size", "4", "--seed", "5", "--init", "gaussian",
+     "--out", train_adapter_dir, "--quiet"],
+    standalone_mode=False,
+)
+assert not code, f"osrm-lora train exited with {code}"

@@ -22,7 +22,7 @@ app = typer.Typer(
     help=(
         "LoRA adapters that merge well (OSRM, ACL 2025): statistics, orthogonal-subspace init, training, "
         "merging, evaluation and reports.\n\n"
-        "Start with [bold]osrm-lora demo[/bold] (offline, CPU, ~15 min), then write your own experiment "
+        "Start with [bold]osrm-lora demo[/bold] (offline, CPU, 6-9 min on 2 cores), then write your own experiment "
         "YAML (see examples/) and run it with [bold]osrm-lora run experiment.yaml[/bold]."
     ),
     no_args_is_help=True,

@@ -125,7 +125,7 @@ def demo(
 ) -> None:
     """The built-in default: MiniLM on the built-in offline tasks, gaussian vs OSRM init, TA and TIES merging.
 
-    Runs on a 2-core CPU in about 15 minutes (the built-in data and model are fetched once from PyPI).
+    Runs on a 2-core CPU in 6-9 minutes (the built-in data and model are fetched once from PyPI).
     Prints the results table and where the report and plots are.
     """
     from ..settings import demo_config_text, parse_demo

@@ -26,6 +26,11 @@ TaskOptionOpt = Annotated[list[str] | None, typer.Option("--task-option", help=O
 TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or messages")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
+PushOpt = Annotated[
+    str | None,
+    typer.Option("--push-to-hub", metavar="REPO", help="then upload the output folder with a model card (its "
+                 "README.md) to this Hugging Face Hub repository, user/repo (created if missing)"),
+]
 
 
 def _stages(values: list[str] | None) -> list[str] | None:

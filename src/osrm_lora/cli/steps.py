@@ -18,6 +18,7 @@ from .options import (
     JsonOpt,
     MaxLengthOpt,
     ModelOpt,
+    PushOpt,
     QuietOpt,
     TaskOpt,
     TaskOptionOpt,
@@ -87,7 +88,9 @@ def stats(
 @app.command("init", epilog="Example: osrm-lora init stats/*.safetensors --rank 8 --out subspaces/")
 def init_subspaces(
     stats_files: Annotated[
-        list[Path], typer.Argument(help="statistics files of every task (from `osrm-lora stats`)")
+        list[Path],
+        typer.Argument(help="statistics files of every task (from `osrm-lora stats`); Hub files "
+                       "user/repo/path[@revision] too"),
     ],
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="folder for one <task>.safetensors subspace per task")
@@ -109,10 +112,11 @@ def init_subspaces(
     Train with them via `osrm-lora train --init osrm --subspace subspaces/<task>.safetensors`, or in your own
     trainer with `osrm_lora.osrm_init(peft_model, Subspace.load(path))`.
     """
+    from ..hub import hub_file
     from ..stats import TaskStats
     from ..subspace import compute_subspaces
 
-    pool = [TaskStats.load(p) for p in stats_files]
+    pool = [TaskStats.load(hub_file(p)) for p in stats_files]
     subspaces = compute_subspaces(pool, rank, variant=variant, weighting=weighting, scale=scale)
     summary = {}
     for name, subspace in subspaces.items():
@@ -122,7 +126,8 @@ def init_subspaces(
         summary[name] = {
             "path": str(path),
             "others": subspace.others,
-            "mean_captured_energy": sum(energies) / max(len(energies), 1),
+            # a share of a PSD moment: ≥ 0, and a tiny negative mean is float noise
+            "mean_captured_energy": max(0.0, sum(energies) / max(len(energies), 1)),
         }
     if as_json:
         print_json(summary)
@@ -200,7 +205,9 @@ def train(
     ] = None,
     init: Annotated[str, typer.Option("--init", help=INIT_HELP)] = "gaussian",
     subspace: Annotated[
-        Path | None, typer.Option("--subspace", help="the task's subspace (for osrm inits)")
+        Path | None,
+        typer.Option("--subspace", help="the task's subspace (for osrm inits): a file or a Hub file "
+                     "user/repo/path[@revision]"),
     ] = None,
     settings: Annotated[
         Path | None,
@@ -226,6 +233,7 @@ def train(
     list_inits_: Annotated[
         bool, typer.Option("--list-inits", help="list the inits: what each needs and changes, its options")
     ] = False,
+    push_to_hub: PushOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -239,9 +247,15 @@ def train(
     if model is None or task is None or out_dir is None:
         fail("give --model, --task and --out (or --list-inits to see the inits)")
     get_init(init)  # an unknown name fails here, before any loading
+    if push_to_hub is not None:
+        from ..hub import check_repo_id
+
+        check_repo_id(push_to_hub)
     lora, training = _train_settings(
         settings, r, {"lr": lr, "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size}, quiet
     )
+    from ..distributed import is_main
+    from ..hub import hub_file
     from ..subspace import Subspace
     from ..train import finetune, partial_dir
 
@@ -254,7 +268,7 @@ def train(
                 model,
                 out_dir,
                 init=init,
-                subspace=Subspace.load(subspace) if subspace else None,
+                subspace=Subspace.load(hub_file(subspace)) if subspace else None,
                 lora=lora,
                 training=training,
                 seed=seed,
@@ -264,10 +278,21 @@ def train(
     except KeyboardInterrupt:
         interrupted(f"checkpoints are kept in {partial_dir(out_dir)}; run the same command with --resume to "
                     f"continue from the last one")
-    _print_trained(result, as_json)
+    if is_main():  # every process returns the result; one prints it (and pushes)
+        _print_trained(result, as_json, _push_trained(result, push_to_hub) if push_to_hub else None)
 
 
-def _print_trained(result, as_json: bool) -> None:
+def _push_trained(result, repo_id: str) -> str:
+    from ..hub import push_folder, train_card
+    from .common import err
+
+    url = push_folder(result.path, repo_id, train_card(result.metadata),
+                      f"osrm-lora train: {result.metadata['task']}, init {result.metadata['init']}")
+    err.print(f"pushed {result.path} to {url}")
+    return url
+
+
+def _print_trained(result, as_json: bool, url: str | None) -> None:
     if as_json:
         print_json(
             {
@@ -276,6 +301,7 @@ def _print_trained(result, as_json: bool) -> None:
                 "steps": result.steps,
                 "train_loss": result.train_loss,
                 "wall_time_s": result.wall_time,
+                **({"url": url} if url else {}),
             }
         )
         return

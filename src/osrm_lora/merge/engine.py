@@ -9,7 +9,7 @@ module and drops it never holds more than one module's dense updates for all tas
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,11 @@ def _per_task(values: PerTask, tasks: list[str], what: str) -> list[Any]:
 
 
 class Merged:
-    """A lazy merge result: iterate it for `MergedModule`s in module order (each iteration recomputes)."""
+    """A lazy merge result: iterate it for `MergedModule`s in module order (each iteration recomputes).
+
+    `on_module`, when set, is called with each module's name once its merged update is ready (the CLI's
+    progress bars), whichever writer asks for it.
+    """
 
     def __init__(
         self, spec: MethodSpec, params: MethodParams, adapters: list[LoraAdapter],
@@ -74,6 +78,7 @@ class Merged:
         self._results = results
         self._factor = factor
         self._model_totals: torch.Tensor | None = None
+        self.on_module: Callable[[str], None] | None = None
 
     @property
     def method(self) -> str:
@@ -119,9 +124,14 @@ class Merged:
         return total  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[MergedModule]:
-        if self._results is not None:
-            return (self._stored(r) for r in self._results)
-        return self._compute()
+        results = (self._stored(r) for r in self._results) if self._results is not None else self._compute()
+        for result in results:
+            self._report(result.name)
+            yield result
+
+    def _report(self, name: str) -> None:
+        if self.on_module is not None:
+            self.on_module(name)
 
     def _stored(self, result: MergedModule) -> MergedModule:
         """A materialized result with λ applied (per-task EMR results are never rescaled)."""
@@ -133,10 +143,13 @@ class Merged:
         if name not in self.modules:
             raise MergeError(f"module {name}: not one of the merged modules (e.g. {self.modules[:3]})")
         if self._results is not None:
-            return self._stored(next(r for r in self._results if r.name == name))
-        if self.spec.needs_totals(self.params) and self._model_totals is None:
-            self._model_totals = self._totals()
-        return self.spec.fn(self.inputs(name, self._model_totals), self.params)
+            result = self._stored(next(r for r in self._results if r.name == name))
+        else:
+            if self.spec.needs_totals(self.params) and self._model_totals is None:
+                self._model_totals = self._totals()
+            result = self.spec.fn(self.inputs(name, self._model_totals), self.params)
+        self._report(name)
+        return result
 
     def _compute(self) -> Iterator[MergedModule]:
         totals = self._totals() if self.spec.needs_totals(self.params) else None
