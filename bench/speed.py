@@ -8,7 +8,7 @@ projections of every layer.
 1. Statistics collection throughput of `collect_stats` against a plain forward, PEFT's CorDA and EVA and the
    official OSRM code's collection (bench/stats_speed.py, the `collection` record).
 2. Subspace computation as a fraction of one training epoch, and 3. training step time of the OSRM against the
-   gaussian init (bench/train_speed.py, the `subspace` and `training` records).
+   kaiming init (bench/train_speed.py, the `subspace` and `training` records).
 4. Our statistics over the whole train split at the measured throughput, as a fraction of an epoch
    (`stats_over_train_split`), which needs both.
 5. Merge times: a summary of `bench/results/merge_speed.json` (written by `bench/merge_speed.py`), not rerun.

@@ -1,6 +1,6 @@
 """Summarise a finished quality run (``osrm-lora run bench/glue_minilm.yaml``) into bench/results/.
 
-Writes ``<out>.json`` (machine, run settings, compute minutes per stage, OSRM − gaussian gaps, the full results)
+Writes ``<out>.json`` (machine, run settings, compute minutes per stage, OSRM − kaiming gaps, the full results)
 and ``<out>.md`` (the gaps, then the report's tables), plus the report's CSVs and plots under ``<out>/``.
 """
 
@@ -28,15 +28,15 @@ def stage_minutes(run_dir: Path) -> dict[str, float]:
 
 
 def gaps(table) -> dict:
-    """OSRM minus gaussian, in points, for every method present with both inits."""
+    """OSRM minus kaiming, in points, for every method present with both inits."""
     rows = {(r.init, r.method): r for r in table.rows}
     out = {}
     for (init, method), row in rows.items():
-        base = rows.get(("gaussian", method))
+        base = rows.get(("kaiming", method))
         if init == "osrm" and base is not None:
             out[method] = {"average": 100 * (row.average - base.average),
                            "normalised_average": 100 * (row.normalised_average - base.normalised_average),
-                           "osrm_lambda": row.lam, "gaussian_lambda": base.lam}
+                           "osrm_lambda": row.lam, "kaiming_lambda": base.lam}
     return out
 
 
@@ -47,7 +47,7 @@ def one_seed(results: dict, seed: int) -> dict:
 
 
 def per_seed_lines(per_seed: dict[int, dict], title: str) -> list[str]:
-    """A markdown table of each seed's OSRM − gaussian average gap, with their mean and sample s.d."""
+    """A markdown table of each seed's OSRM − kaiming average gap, with their mean and sample s.d."""
     seeds = sorted(per_seed)
     lines = [f"## {title}\n", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | s.d. |",
              "|---|" + "---:|" * (len(seeds) + 2)]
@@ -75,10 +75,10 @@ def main() -> None:
         summary["gap_fixed_lambda_per_seed"] = {s: gaps(fixed_lambda_table(one_seed(results, s))) for s in seeds}
     write_json(out.with_suffix(".json"), summary)
     write_report(results, out)
-    lines = [f"# {results['experiment']} ({results['model']}): gaussian vs OSRM init\n",
+    lines = [f"# {results['experiment']} ({results['model']}): kaiming vs OSRM init\n",
              (f"Machine: {summary['machine']['cpu']}, {summary['machine']['cores']} cores, torch "
               f"{summary['machine']['torch']}; compute minutes per stage: {summary['compute_minutes']}.\n"),
-             "## OSRM − gaussian (points of average score / normalised average)\n",
+             "## OSRM − kaiming (points of average score / normalised average)\n",
              "| method | best λ: avg | best λ: norm. avg | fixed λ: avg | fixed λ: norm. avg |",
              "|---|---:|---:|---:|---:|"]
     for method, g in summary["gap_best_lambda"].items():
@@ -87,8 +87,8 @@ def main() -> None:
                      f"{f.get('average', float('nan')):+.2f} | {f.get('normalised_average', float('nan')):+.2f} |")
     lines.append("")
     if len(seeds) > 1:
-        lines += per_seed_lines(summary["gap_best_lambda_per_seed"], "OSRM − gaussian per seed, best λ of each seed")
-        lines += per_seed_lines(summary["gap_fixed_lambda_per_seed"], "OSRM − gaussian per seed, fixed λ")
+        lines += per_seed_lines(summary["gap_best_lambda_per_seed"], "OSRM − kaiming per seed, best λ of each seed")
+        lines += per_seed_lines(summary["gap_fixed_lambda_per_seed"], "OSRM − kaiming per seed, fixed λ")
     lines += [f"## {best.title}\n", table_markdown(best), f"## {fixed.title}\n", table_markdown(fixed),
               f"Plots: `{out.name}/plots/`.\n"]
     write_text(out.with_suffix(".md"), "\n".join(lines))

@@ -4,7 +4,7 @@ bench/speed_setup.py).
 1. Subspace computation: `compute_subspaces` (all modules, leave-one-out for every task) on the statistics
    of `--subspace-tasks` built-in tasks, as a fraction of one training epoch, estimated as the median train
    step time x ceil(train split size / batch size) for the task's full train split (stated in the output).
-2. Training step time with PEFT's default (gaussian) LoRA init and with `osrm_init`: two adapters on one
+2. Training step time with PEFT's default (kaiming) LoRA init and with `osrm_init`: two adapters on one
    PEFT model, same batches, same dropout seeds, alternating steps (and which goes first); the ratio, the
    median of per-step ratios, should be 1.
 
@@ -77,7 +77,7 @@ def bench_subspace(
 
 
 def bench_training(model, targets, data: Data, subspace, steps: int, lr: float, device) -> dict:
-    """Median optimizer-step time of the gaussian and the OSRM-initialised adapter, alternating on one
+    """Median optimizer-step time of the kaiming and the OSRM-initialised adapter, alternating on one
     model."""
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -90,11 +90,11 @@ def bench_training(model, targets, data: Data, subspace, steps: int, lr: float, 
         target_modules=list(targets),
     )
     torch.manual_seed(0)
-    peft_model = get_peft_model(model, config, adapter_name="gaussian")
+    peft_model = get_peft_model(model, config, adapter_name="kaiming")
     peft_model.add_adapter("osrm", config)
     osrm_init(peft_model, subspace, adapter_name="osrm")
     optimizers = {}
-    for adapter in ("gaussian", "osrm"):
+    for adapter in ("kaiming", "osrm"):
         peft_model.set_adapter(adapter)
         optimizers[adapter] = torch.optim.AdamW(
             [p for p in peft_model.parameters() if p.requires_grad], lr=lr
@@ -111,18 +111,18 @@ def bench_training(model, targets, data: Data, subspace, steps: int, lr: float, 
         optimizers[adapter].zero_grad(set_to_none=True)
         return int(batch["attention_mask"].sum())
 
-    seconds: dict[str, list[float]] = {"gaussian": [], "osrm": []}
+    seconds: dict[str, list[float]] = {"kaiming": [], "osrm": []}
     for adapter in seconds:  # warm-up
         step(adapter, 0)
     for i in range(steps):
-        for adapter in ("gaussian", "osrm") if i % 2 == 0 else ("osrm", "gaussian"):
+        for adapter in ("kaiming", "osrm") if i % 2 == 0 else ("osrm", "kaiming"):
             seconds[adapter].append(timed(functools.partial(step, adapter, i), device)[0])
     peft_model.eval()
     med = {adapter: median(values) for adapter, values in seconds.items()}
     return {
         "seconds": seconds,
         "median_s": med,
-        "ratio_osrm/gaussian": median([o / g for o, g in zip(seconds["osrm"], seconds["gaussian"])]),
+        "ratio_osrm/kaiming": median([o / g for o, g in zip(seconds["osrm"], seconds["kaiming"])]),
         "batch_size": len(data.batches[0]["input_ids"]),
         "optimizer": f"AdamW(lr={lr})",
         "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout},
@@ -130,10 +130,10 @@ def bench_training(model, targets, data: Data, subspace, steps: int, lr: float, 
 
 
 def epoch_estimate(training: dict) -> dict:
-    """One epoch of the bench task's full train split at the measured gaussian step time."""
+    """One epoch of the bench task's full train split at the measured kaiming step time."""
     train_examples = len(tasks.get_task(BENCH_TASK).split("train"))
     steps = math.ceil(train_examples / training["batch_size"])
-    step_s = training["median_s"]["gaussian"]
+    step_s = training["median_s"]["kaiming"]
     return {
         "task": BENCH_TASK,
         "train_examples": train_examples,
@@ -184,8 +184,8 @@ def table_rows(label: str, r: dict) -> list[str]:
         f"{fmt(s['epoch_estimate']['epoch_s'])} s) | |"
     )
     training = (
-        f"| {label} | train step, osrm / gaussian init | {fmt(t['ratio_osrm/gaussian'])} "
-        f"({fmt(t['median_s']['osrm'])} s / {fmt(t['median_s']['gaussian'])} s) | ≈ 1 |"
+        f"| {label} | train step, osrm / kaiming init | {fmt(t['ratio_osrm/kaiming'])} "
+        f"({fmt(t['median_s']['osrm'])} s / {fmt(t['median_s']['kaiming'])} s) | ≈ 1 |"
     )
     return [subspace, training]
 

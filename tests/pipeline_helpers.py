@@ -93,7 +93,7 @@ def experiment_dict(model_dir: Path | str, tasks: list[dict]) -> dict:
         "model": str(model_dir),
         "tasks": tasks,
         "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
-        "inits": ["gaussian", "osrm"],
+        "inits": ["kaiming", "osrm"],
         "training": {
             "max_steps": 12,
             "batch_size": 16,
@@ -104,7 +104,7 @@ def experiment_dict(model_dir: Path | str, tasks: list[dict]) -> dict:
             "progress": False,
         },
         "statistics": {"samples_per_task": 32, "batch_size": 16, "max_length": 16},
-        "evaluation": {"max_examples": 24, "batch_size": 24, "max_length": 16},
+        "evaluation": {"select_examples": 6, "max_examples": 24, "batch_size": 24, "max_length": 16},
         "merge": [
             {"method": "task_arithmetic", "lambdas": [0.5, 1.0]},
             {"method": "ties", "params": {"density": 0.5}, "lambdas": [0.5], "fixed_lambda": 1.0},

@@ -35,7 +35,8 @@ IMPORTS = {
     "public-api": "import osrm_lora; assert dir(osrm_lora) == sorted(osrm_lora.__all__)",
     "inits": """
         from osrm_lora.inits import get_init, list_inits
-        assert [i["name"] for i in list_inits()][0] == "gaussian" and get_init("osrm").needs_stats
+        assert [i["name"] for i in list_inits()][:2] == ["kaiming", "gaussian"] and get_init("osrm").needs_stats
+        assert get_init("osrm").parse({"scale": "kaiming"}).scale == "kaiming"
     """,
     "merge-methods": """
         from osrm_lora.merge.registry import get_method, list_methods
@@ -59,14 +60,16 @@ def test_experiment_validation_without_torch():
         data = yaml.safe_load(open("examples/demo.yaml"))
         data["merge"] += [{"method": "dare", "name": "dare-ties", "params": {"drop_rate": 0.5, "combine": "ties"}},
                           {"method": "regmean", "params": {"alpha": 0.5}}, {"method": "fisher"}, {"method": "emr"}]
-        data["inits"] = ["gaussian", "osrm", "osrm-mean", "pissa", "olora"]
+        data["inits"] = ["kaiming", "gaussian", "osrm", "osrm-mean", "osrm-official", "random-orthonormal",
+                         "task-orthogonal", "pissa", "olora", {"name": "osrm", "scale": "gaussian", "label": "osrm-g"}]
         config = parse_experiment(data, "demo+merges")
         assert [m.label for m in config.merge][2:] == ["dare-ties", "regmean", "fisher", "emr"]
+        assert config.init_labels[-1] == "osrm-g" and config.inits[-1].options == {"scale": "gaussian"}
     """)
 
 
 def test_report_rebuilds_without_torch(tmp_path):
-    tasks, inits = ["a", "b"], ["gaussian", "osrm"]
+    tasks, inits = ["a", "b"], ["kaiming", "osrm"]
     results = {
         "format": "osrm-lora/results/1", "experiment": "layering", "model": "tiny", "tasks": tasks,
         "inits": inits, "methods": ["ties"], "seeds": [0], "primary_metrics": dict.fromkeys(tasks, "accuracy"),

@@ -90,15 +90,15 @@ def test_report_rebuilds_from_results_json(tmp_path):
     results = {
         "format": "osrm-lora/results/1",
         "tasks": ["a", "b"],
-        "inits": ["gaussian", "osrm"],
+        "inits": ["kaiming", "osrm"],
         "seeds": [0],
         "methods": ["task_arithmetic"],
         "fixed_lambda": {"task_arithmetic": 1.0},
         "individual": [
             {"init": i, "seed": 0, "task": t, "score": s}
             for i, t, s in [
-                ("gaussian", "a", 0.9),
-                ("gaussian", "b", 0.8),
+                ("kaiming", "a", 0.9),
+                ("kaiming", "b", 0.8),
                 ("osrm", "a", 0.85),
                 ("osrm", "b", 0.8),
             ]
@@ -106,8 +106,8 @@ def test_report_rebuilds_from_results_json(tmp_path):
         "merged": [
             {"init": i, "seed": 0, "method": "task_arithmetic", "lambda": 1.0, "task": t, "score": s}
             for i, t, s in [
-                ("gaussian", "a", 0.45),
-                ("gaussian", "b", 0.4),
+                ("kaiming", "a", 0.45),
+                ("kaiming", "b", 0.4),
                 ("osrm", "a", 0.85),
                 ("osrm", "b", 0.6),
             ]

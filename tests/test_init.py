@@ -7,16 +7,25 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers_core import anisotropic_inputs, stats_from_inputs
+from helpers_core import OneLinear, anisotropic_inputs, stats_from_inputs
 from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from osrm_lora.adapters import LoraAdapter, LoraFactors
-from osrm_lora.inits import InitOptions, InitSpec, get_init, list_inits, osrm_init, project_adapter
+from osrm_lora.inits import (
+    InitContext,
+    InitOptions,
+    InitSpec,
+    get_init,
+    list_inits,
+    osrm_init,
+    project_adapter,
+)
 from osrm_lora.inits import registry as init_registry
+from osrm_lora.inits.scales import ScaleOptions, row_scale
 from osrm_lora.modules import find_target_modules, in_out_features
 from osrm_lora.stats import StatsMismatchError, model_config_hash
-from osrm_lora.subspace import VARIANTS, SubspaceMismatchError, compute_subspaces
+from osrm_lora.subspace import OFFICIAL, VARIANTS, SubspaceMismatchError, compute_subspaces
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -172,6 +181,29 @@ def test_osrm_init_errors_name_the_module():
         osrm_init(peft_model, subs["a"], adapter_name="other")
 
 
+@pytest.mark.parametrize("scale,peft_init", [("kaiming", True), ("gaussian", "gaussian")])
+def test_scales_match_the_expected_norm_of_peft_baselines(scale, peft_init):
+    r, d = 8, 64
+    norms = []
+    for seed in range(20):
+        config = LoraConfig(r=r, target_modules=["proj"], init_lora_weights=peft_init)
+        norms.append(get_peft_model(OneLinear(d, 8, seed), config).base_model.model.proj.lora_A["default"].weight)
+    expected = {"kaiming": r / 3, "gaussian": d / r}[scale]  # E‖A‖²_F of PEFT's draw (see inits.scales)
+    assert np.mean([float(A.square().sum()) for A in norms]) == pytest.approx(expected, rel=0.03)
+
+    model = OneLinear(d, 8)
+    stats = [stats_from_inputs(t, {"proj": anisotropic_inputs(80, d, i)}, config_hash=model_config_hash(model))
+             for i, t in enumerate("ab")]
+    sub = compute_subspaces(stats, r)["a"]
+    plain = osrm_init(get_peft_model(OneLinear(d, 8), LoraConfig(r=r, target_modules=["proj"])), sub)
+    peft_model = get_peft_model(model, LoraConfig(r=r, target_modules=["proj"]))
+    scaled = osrm_init(peft_model, sub, scale=scale)
+    A = peft_model.base_model.model.proj.lora_A["default"].weight.detach()
+    assert float(A.double().square().sum()) == pytest.approx(expected, rel=1e-5)  # exactly the expectation
+    torch.testing.assert_close(A / row_scale(scale, r, d), sub.A["proj"][:r])  # same directions
+    assert scaled["scale"] == scale and scaled["mean_energy"] == plain["mean_energy"]  # energy: the directions'
+
+
 # --- project_adapter ---------------------------------------------------------------------------------
 
 
@@ -181,7 +213,10 @@ def toy_subspaces():
     for seed, task in enumerate("abc"):
         inputs = {"m0": anisotropic_inputs(40, 12, seed), "m1": anisotropic_inputs(40, 8, seed + 5)}
         stats.append(stats_from_inputs(task, inputs))
-    return {scale: compute_subspaces(stats, 5, scale=scale)["a"] for scale in ("orthonormal", "kaiming")}
+    orthonormal = compute_subspaces(stats, 5)["a"]
+    kaiming = copy.deepcopy(orthonormal)
+    kaiming.A = {m: A * row_scale("kaiming", 5, A.shape[1]) for m, A in orthonormal.A.items()}
+    return {"orthonormal": orthonormal, "kaiming": kaiming}
 
 
 def random_adapter(seed: int, A_rows=None) -> LoraAdapter:
@@ -246,26 +281,46 @@ def test_project_adapter_errors(toy_subspaces):
 
 
 def test_registry_declares_each_init():
-    assert [i["name"] for i in list_inits()] == ["gaussian", "osrm", "osrm-mean", "pissa", "olora"]
+    assert [i["name"] for i in list_inits()] == [
+        "kaiming", "gaussian", "osrm", "osrm-mean", "osrm-official", "random-orthonormal", "task-orthogonal",
+        "pissa", "olora", "osrm-reg", "osrm-contrast", "osrm-project",
+    ]
     declared = {i["name"]: (i["peft_init"], i["needs_stats"], tuple(i["variants"]), i["mutates_base"])
                 for i in list_inits()}
     assert declared == {
-        "gaussian": (True, False, (), False),
+        "kaiming": (True, False, (), False),
+        "gaussian": ("gaussian", False, (), False),
         "osrm": (True, True, ("cov", "centered"), False),
         "osrm-mean": (True, True, ("mean",), False),
+        "osrm-official": ("gaussian", True, ("official",), False),
+        "random-orthonormal": (True, False, (), False),
+        "task-orthogonal": (True, False, (), False),
         "pissa": ("pissa", False, (), True),
         "olora": ("olora", False, (), True),
+        "osrm-reg": (True, True, ("cov", "centered"), False),  # the training modes: tests/test_modes.py
+        "osrm-contrast": (True, True, (), False),
+        "osrm-project": (True, True, (), False),
     }
+    scaled = {"osrm", "osrm-mean", "random-orthonormal", "task-orthogonal"}
     for info in list_inits():
         spec = get_init(info["name"])
-        assert spec.summary and info["options"] == [] and spec.options is InitOptions
-        assert set(spec.variants) <= set(VARIANTS)  # only variants `compute_subspaces` implements
+        assert spec.summary
+        if info["name"] in scaled:
+            assert spec.options is ScaleOptions and [o["name"] for o in info["options"]] == ["scale"]
+            assert info["options"][0]["default"] == "orthonormal"
+        elif info["needs_moments"]:
+            assert issubclass(spec.options, ScaleOptions)  # their own options: tests/test_modes.py
+        else:
+            assert info["options"] == [] and spec.options is InitOptions
+        # only variants `compute_subspaces` or `official_subspaces` implement
+        assert set(spec.variants) <= {*VARIANTS, OFFICIAL}
 
 
 def test_subspace_variant_follows_the_init_and_the_configured_variant():
     assert get_init("osrm").subspace_variant("centered") == "centered"
     assert get_init("osrm-mean").subspace_variant("cov") == "mean"
-    assert get_init("gaussian").subspace_variant("cov") is None
+    assert get_init("kaiming").subspace_variant("cov") is None
+    assert get_init("osrm-official").subspace_variant("centered") == "official"
     with pytest.raises(ValueError, match="cov or centered, not 'mean'"):
         get_init("osrm").subspace_variant("mean")
 
@@ -277,7 +332,11 @@ def test_registry_errors():
         init_registry.register(InitSpec("osrm", "again", peft_init=True))
     with pytest.raises(ValueError, match="set needs_stats"):
         InitSpec("x", "a subspace without statistics", peft_init=True, variants=("cov",))
-    with pytest.raises(ValueError, match="init 'gaussian': unknown option 'rank'"):
-        get_init("gaussian").parse({"rank": 4})
-    with pytest.raises(ValueError, match="need the task's subspace"):
-        get_init("osrm").apply(None, None, InitOptions())
+    with pytest.raises(ValueError, match="init 'kaiming': unknown option 'rank'"):
+        get_init("kaiming").parse({"rank": 4})
+    with pytest.raises(ValueError, match=r"init 'osrm': unknown option 'scal' \(accepted: scale\)"):
+        get_init("osrm").parse({"scal": "kaiming"})
+    with pytest.raises(ValueError, match=r"init 'osrm': scale: .*'orthonormal', 'kaiming' or 'gaussian'"):
+        get_init("osrm").parse({"scale": "xavier"})
+    with pytest.raises(ValueError, match="task 'a': the OSRM inits need the task's subspace"):
+        get_init("osrm").apply(None, None, ScaleOptions(), InitContext("a"))

@@ -36,6 +36,7 @@ UNITS = {
     "grams": 0,
     "merge": 2 * (2 + 2 + 1),
     "interference": 2,
+    "diagnostics": 2,
     "report": 1,
 }
 
@@ -71,15 +72,21 @@ def _scores(results: dict) -> dict:
 
 
 def _dev_rows(config, task: str) -> tuple[list[str], list[int]]:
-    """The dev split read straight from the user's file (the evaluation uses all of it)."""
+    """The dev split's report rows (the scores are taken on them), read straight from the user's file."""
+    from osrm_lora.tasks.sampling import select_report_indices
+
     entry = next(t for t in config.tasks if t.name == task)
     path = Path(entry.source_options(config._base_dir)["files"]["dev"])
     if path.suffix == ".csv":
         with open(path) as f:
             rows = list(csv.DictReader(f))
-        return [r["sentence"] for r in rows], [["negative", "positive"].index(r["label"]) for r in rows]
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+        texts, labels = [r["sentence"] for r in rows], [["negative", "positive"].index(r["label"]) for r in rows]
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        texts, labels = [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+    settings = config.evaluation
+    _, report = select_report_indices(labels, len(labels), 0, settings.select_examples, settings.max_examples, task)
+    return [texts[i] for i in report], [labels[i] for i in report]
 
 
 def _accuracy(model, tokenizer, texts, labels) -> float:
@@ -151,7 +158,7 @@ def test_individual_scores_match_peft_loading(reference, model_dir):
 
     config, summary = reference
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    for init in ("gaussian", "osrm"):
+    for init in ("kaiming", "osrm"):
         for task in TASKS:
             base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
             model = PeftModel.from_pretrained(
@@ -169,7 +176,7 @@ def test_task_arithmetic_score_matches_a_hand_merged_model(reference, model_dir)
     config, summary = reference
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lam = 1.0
-    for init in ("gaussian", "osrm"):
+    for init in ("kaiming", "osrm"):
         files = {t: config.output_dir / "adapters" / init / "seed0" / t for t in TASKS}
         for task in TASKS:
             model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
@@ -263,8 +270,63 @@ def test_edited_data_file_retrains_that_task_only(reference, tmp_path):
     # stay cached; both topic adapters retrain and everything downstream of them is redone.
     assert sorted(summary.stages["stats"].ran) == ["topic"]
     assert summary.stages["subspaces"].skipped == ["cov"]
-    assert sorted(summary.stages["train"].ran) == ["gaussian/seed0/topic", "osrm/seed0/topic"]
+    assert sorted(summary.stages["train"].ran) == ["kaiming/seed0/topic", "osrm/seed0/topic"]
     assert len(summary.stages["eval"].ran) == 2 and len(summary.stages["merge"].ran) == UNITS["merge"]
+
+
+def test_statistics_pool_sample_sizes_and_init_entries(model_dir, tmp_path):
+    """A pool task that is not merged, two sample sizes, an init with options, the official code's init and a
+    control: the units per size, the pool in each subspace, the init options in each adapter, `samples` in the
+    results and the plot of score vs sample size."""
+    from osrm_lora.stats import TaskStats
+    from osrm_lora.subspace import Subspace
+
+    path = write_experiment(tmp_path, model_dir)
+    data = yaml.safe_load(path.read_text())
+    extra = {**data["tasks"][1], "name": "extra"}  # topic's files under another name: statistics only
+    data.update(
+        pool_tasks=[extra],
+        inits=["kaiming", {"name": "osrm", "scale": "kaiming", "label": "osrm-k"}, "osrm-official", "task-orthogonal"],
+        statistics={**data["statistics"], "samples_per_task": [8, 16]},
+        merge=[{"method": "task_arithmetic", "lambdas": [1.0]}],
+        interference=False,
+        diagnostics=False,
+    )
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    config = load_experiment(path)
+    assert config.pool == [*TASKS, "extra"]
+    summary = run_experiment(config, progress=False)
+    assert summary.stages["stats"].ran == [
+        f"{kind}{n}{t}" for kind in ("", "padded/") for n in ("samples8/", "") for t in (*TASKS, "extra")
+    ]
+    assert summary.stages["subspaces"].ran == ["cov/samples8", "cov", "official/samples8", "official"]
+    labels = ["kaiming", "osrm-k-n8", "osrm-k-n16", "osrm-official-n8", "osrm-official-n16", "task-orthogonal"]
+    assert summary.stages["train"].ran == [f"{i}/seed0/{t}" for i in labels for t in TASKS]
+
+    out = config.output_dir
+    small = TaskStats.load(out / "stats" / "samples8" / "extra.safetensors")
+    assert small.extra["examples"] == "8" and small.extra["mask_padding"] == "true"
+    padded = TaskStats.load(out / "stats" / "padded" / "extra.safetensors")
+    assert padded.extra["mask_padding"] == "false" and padded.tokens == 16 * 16  # every position of 16 examples
+    cov = Subspace.load(out / "subspaces" / "cov" / "samples8" / "sentiment.safetensors")
+    assert cov.others == ["topic", "extra"] and cov.variant == "cov"
+    official = Subspace.load(out / "subspaces" / "official" / "topic.safetensors")
+    assert official.others == ["sentiment", "extra"] and official.variant == "official"
+    meta = json.loads((out / "adapters" / "osrm-k-n8" / "seed0" / "sentiment" / "osrm_lora.json").read_text())
+    assert meta["init"] == "osrm" and meta["init_options"] == {"scale": "kaiming"}
+    assert meta["subspace"]["fingerprint"] == train_module.subspace_fingerprint(cov)
+    manifest = json.loads((out / "manifests" / "train" / "task-orthogonal" / "seed0" / "topic.json").read_text())
+    assert manifest["inputs"]["merged_tasks"] == TASKS and "init_options" not in manifest["inputs"]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["inits"] == labels
+    assert results["init_runs"]["osrm-k-n8"] == {"entry": "osrm-k", "init": "osrm", "options": {"scale": "kaiming"},
+                                                 "samples": 8}
+    samples = {(r["init"], r.get("samples")) for r in results["individual"] + results["merged"]}
+    assert samples == {("kaiming", None), ("osrm-k-n8", 8), ("osrm-k-n16", 16), ("osrm-official-n8", 8),
+                       ("osrm-official-n16", 16), ("task-orthogonal", None)}
+    assert (out / "plots" / "score_vs_samples.png").is_file()
+    assert "score_vs_samples.png" in (out / "report.md").read_text()
 
 
 def _peft_model(model_dir: Path, adapter_dir: Path):
@@ -300,11 +362,11 @@ def test_fisher_and_regmean_merges_equal_the_library_on_fine_tuned_statistics(
     evaluated = {}  # (label, init, task) -> the merged deltas the pipeline evaluated
     real_evaluate = Context.evaluate
 
-    def record(self, task_name, deltas, head, source):
+    def record(self, task_name, deltas, head, source, parts):
         if source.startswith("merge "):
             label, init = source.removeprefix("merge ").split("/")[:2]
             evaluated[(label, init, task_name)] = {m: d.clone() for m, d in deltas.items()}
-        return real_evaluate(self, task_name, deltas, head, source)
+        return real_evaluate(self, task_name, deltas, head, source, parts)
 
     monkeypatch.setattr(Context, "evaluate", record)
     summary = run_experiment(config, progress=False)
@@ -314,7 +376,7 @@ def test_fisher_and_regmean_merges_equal_the_library_on_fine_tuned_statistics(
     out = config.output_dir
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tasks = {t.name: get_task(t.name, **t.source_options(config._base_dir)) for t in config.tasks}
-    for init in config.inits:
+    for init in config.init_labels:
         adapters, fishers, grams = [], [], []
         for name, task in tasks.items():
             folder = out / "adapters" / init / "seed0" / name
@@ -332,12 +394,13 @@ def test_fisher_and_regmean_merges_equal_the_library_on_fine_tuned_statistics(
             assert set(fishers[-1]) == set(expected_fisher) and len(expected_fisher) == 4
             for m, f in expected_fisher.items():
                 torch.testing.assert_close(fishers[-1][m], f, rtol=1e-4, atol=1e-7 * float(f.max()))
-            stats_batches = make_dataloader(
+            stats_batches = make_dataloader(  # longest first, as the pipeline batches statistics
                 task.split("train", max_examples=32, seed=0),
                 tokenizer,
                 task.spec,
                 batch_size=16,
                 max_length=16,
+                by_length=True,
             )
             grams.append(collect_stats(peft_model, stats_batches, ["query", "value"], task=name))
             saved = TaskStats.load(out / "grams" / init / "seed0" / f"{name}.safetensors")
@@ -427,7 +490,7 @@ def test_cache_produces_only_the_pending_units_of_a_batch(tmp_path):
     from osrm_lora.pipeline.layout import Layout
 
     layout = Layout(tmp_path)
-    keys = [MergeKey("ta", "gaussian", 0, lam) for lam in (0.5, 1.0, 2.0)]
+    keys = [MergeKey("ta", "kaiming", 0, lam) for lam in (0.5, 1.0, 2.0)]
     units = [Unit(k, {"lambda": k.lam}, [layout.merged(k)]) for k in keys]
     calls = []
 
@@ -442,9 +505,9 @@ def test_cache_produces_only_the_pending_units_of_a_batch(tmp_path):
     cache = Cache(layout, {"merge": 1})
     digests = cache.run("merge", units, produce)
     assert calls == [[1.0], [0.5, 2.0]] and set(digests) == set(keys)
-    assert cache.status["merge"].skipped == ["ta/gaussian/seed0/lambda1"]
-    assert cache.status["merge"].ran == ["ta/gaussian/seed0/lambda0.5", "ta/gaussian/seed0/lambda2"]
-    assert (tmp_path / "manifests" / "merge" / "ta" / "gaussian" / "seed0" / "lambda2.json").is_file()
+    assert cache.status["merge"].skipped == ["ta/kaiming/seed0/lambda1"]
+    assert cache.status["merge"].ran == ["ta/kaiming/seed0/lambda0.5", "ta/kaiming/seed0/lambda2"]
+    assert (tmp_path / "manifests" / "merge" / "ta" / "kaiming" / "seed0" / "lambda2.json").is_file()
     with pytest.raises(RuntimeError, match="without producing"):
         Cache(layout, {"merge": 1}, force=["merge"]).run("merge", units, lambda pending: iter(pending[:1]))
 
@@ -489,7 +552,17 @@ def _error(data: dict, tmp_path: Path) -> str:
         (lambda d: d["merge"][0].update(method="task_arithmetc"), "merge[0].method", "task_arithmetic"),
         (lambda d: d["merge"][2].update(lambdas=[1.0]), "merge[2]", "no global λ"),
         (lambda d: d["merge"][0].update(lambdas=[0.5, -1.0]), "merge[0].lambdas", "> 0"),
-        (lambda d: d.update(inits=["gaussian", "orsm"]), "inits", "orsm"),
+        (lambda d: d.update(inits=["kaiming", "orsm"]), "inits[1]", "orsm"),
+        (lambda d: d.update(inits=["kaiming", {"name": "osrm", "scale": "big"}]), "inits[1]", "'gaussian'"),
+        (lambda d: d.update(inits=["kaiming", {"name": "kaiming", "scale": "big"}]), "inits[1]", "unknown option"),
+        (lambda d: d.update(inits=["osrm", {"name": "osrm", "scale": "kaiming"}]), "inits", "distinct labels"),
+        (lambda d: d.update(inits=[{"name": "osrm", "label": "a/b"}]), "inits[0].label", "pattern"),
+        (lambda d: d["statistics"].update(samples_per_task=[16, 16]), "statistics.samples_per_task", "distinct"),
+        (lambda d: d["statistics"].update(samples_per_task=0), "statistics.samples_per_task", "positive"),
+        (lambda d: d["statistics"].update(pool=["a", "zz"]), "(top level)", "neither in tasks nor in pool_tasks"),
+        (lambda d: d.update(pool_tasks=["c"]) or d["statistics"].update(pool=["a", "b"]), "(top level)",
+         "not in statistics.pool"),
+        (lambda d: d.update(pool_tasks=["a"]), "(top level)", "repeat task names"),
         (lambda d: d.update(tasks=d["tasks"][:1]), "tasks", "at least 2"),
         (lambda d: d["evaluation"].update(split="validation"), "evaluation.split", "dev"),
         (lambda d: d.pop("model"), "model", "required"),
@@ -505,6 +578,32 @@ def test_bad_configs_name_the_key(change, key, words, tmp_path):
     message = _error(data, tmp_path)
     assert f": {key}:" in message
     assert words in message
+
+
+def test_init_entries_pool_and_sample_sizes():
+    data = experiment_dict(Path("/m"), [{"name": "a"}, {"name": "b"}])
+    data["inits"] = ["kaiming", "osrm", {"name": "osrm", "scale": "kaiming", "label": "osrm-k"}, "task-orthogonal"]
+    config = parse_experiment(data, "one size")
+    assert config.init_labels == ["kaiming", "osrm", "osrm-k", "task-orthogonal"]
+    assert [(r.name, r.options, r.samples) for r in config.init_runs][1:3] == [
+        ("osrm", {}, 32), ("osrm", {"scale": "kaiming"}, 32)]
+    assert config.pool == ["a", "b"] and config.statistics.reference == 32
+    # what the statistics caches were keyed by before the sample-size axis
+    assert config.statistics.sample_inputs() == {"samples_per_task": 32, "batch_size": 16, "max_length": 16,
+                                                 "split": "train"}
+
+    data["statistics"] = {"samples_per_task": [32, 16], "pool": ["a", "b", "c"]}
+    data["pool_tasks"] = ["c", {"name": "d", "source": "builtin"}]
+    data["statistics"]["pool"].append("d")
+    config = parse_experiment(data, "sizes")
+    assert config.init_labels == ["kaiming", "osrm-n16", "osrm-n32", "osrm-k-n16", "osrm-k-n32", "task-orthogonal"]
+    run = config.init_run("osrm-k-n16")
+    assert (run.entry, run.name, run.options, run.samples) == ("osrm-k", "osrm", {"scale": "kaiming"}, 16)
+    assert config.init_run("kaiming").samples is None and config.statistics.sizes == [16, 32]
+    assert config.pool == ["a", "b", "c", "d"] and config.task_names == ["a", "b"]
+    assert config.task_entry("d").source_options() == {"source": "builtin"}
+    data["statistics"].pop("pool")
+    assert parse_experiment(data, "default pool").pool == ["a", "b", "c", "d"]  # merged tasks and pool_tasks
 
 
 def test_yaml_and_file_errors(tmp_path):
@@ -539,5 +638,5 @@ def test_examples_validate_and_demo_is_packaged():
     assert (REPO / "examples" / "demo.yaml").read_text() == packaged.read_text()
     demo = parse_demo()
     assert demo.model.name == "builtin:minilm"
-    assert {"gaussian", "osrm"} <= set(demo.inits)
+    assert {"kaiming", "osrm"} <= set(demo.init_labels)
     assert {"task_arithmetic", "ties"} <= {m.method for m in demo.merge}

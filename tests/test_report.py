@@ -8,22 +8,36 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from osrm_lora.report import (
     RESULTS_FORMAT,
     ResultsError,
     best_lambda_table,
+    diagnostics_rows,
     fixed_lambda_table,
+    selected_lambda_table,
     table_markdown,
     write_report,
 )
-from osrm_lora.scores import average, normalised_average, normalised_scores
+from osrm_lora.scores import (
+    average,
+    decode_labels,
+    encode_labels,
+    example_values,
+    normalised_average,
+    normalised_scores,
+)
+from osrm_lora.study import paired_differences, select_lambdas
+from osrm_lora.tasks.metrics import compute_metrics
+from osrm_lora.tasks.spec import TaskSpec
 
 TASKS = ["alpha", "beta", "gamma"]
-INITS = ["gaussian", "osrm"]
+INITS = ["kaiming", "osrm"]
 METHODS = ["task_arithmetic", "ties"]
 LAMBDAS = [0.5, 1.0, 1.5]
-SEEDS = [0, 1]
+SEEDS = [0, 1, 2]
+DIAGNOSTIC_KEYS = ("delta_norm", "retention", "captured_init", "captured_trained", "coordinate_mass")
 
 
 def _score(rng, lo=0.3, hi=0.95):
@@ -40,7 +54,8 @@ def results():
         for t in TASKS
     ]
     merged = [
-        {"init": i, "method": m, "lambda": lam, "seed": s, "task": t, "score": _score(rng), "metrics": {}}
+        {"init": i, "method": m, "lambda": lam, "seed": s, "task": t, "score": _score(rng), "metrics": {},
+         "select_score": _score(rng)}
         for i in INITS
         for m in METHODS
         for lam in LAMBDAS
@@ -52,7 +67,15 @@ def results():
         for i in INITS
         for s in SEEDS
     ]
-    return {
+    diagnostics = [
+        {"init": i, "seed": s, "tasks": TASKS, "mean_overlap": float(rng.uniform()),
+         "adapters": {t: {k: float(rng.uniform()) for k in DIAGNOSTIC_KEYS} for t in TASKS},
+         "absolute_interference": rng.uniform(0, 1, (3, 3)).tolist(),
+         "interference_ratio": rng.uniform(0, 1, (3, 3)).tolist()}
+        for i in INITS
+        for s in SEEDS
+    ]
+    results = {
         "format": RESULTS_FORMAT,
         "experiment": "synthetic",
         "model": "tiny",
@@ -65,7 +88,12 @@ def results():
         "individual": individual,
         "merged": merged,
         "interference": interference,
+        "diagnostics": diagnostics,
+        "reference_init": INITS[0],
     }
+    results["selection"] = select_lambdas(merged, TASKS)
+    results["paired"] = paired_differences(results, INITS[0], None)
+    return results
 
 
 def _scores_array(results, init, method, lam):
@@ -119,7 +147,7 @@ def test_aggregates_match_definition():
 def test_best_lambda_picks_highest_average(results):
     table = best_lambda_table(results)
     assert [(r.init, r.method) for r in table.rows[:2]] == [
-        ("gaussian", "individual"),
+        ("kaiming", "individual"),
         ("osrm", "individual"),
     ]
     merged_rows = table.rows[2:]
@@ -245,3 +273,92 @@ def test_task_at_chance_is_left_out_of_normalised_average(results):
     scores = _scores_array(results, "osrm", "ties", row.lam)[:, :2]
     assert row.normalised_average == pytest.approx((scores / ind).mean())
     assert "leaves out gamma" in table_markdown(table)
+
+
+def _select_array(results, init, method, lam):
+    return np.array([[next(r["select_score"] for r in results["merged"]
+                           if (r["init"], r["method"], r["lambda"], r["seed"], r["task"]) == (init, method, lam, s, t))
+                      for t in TASKS] for s in SEEDS])
+
+
+def test_selected_lambda_is_each_seeds_select_argmax_scored_on_report(results):
+    table = selected_lambda_table(results)
+    assert [(r.init, r.method) for r in table.rows[:2]] == [(i, "individual") for i in INITS]
+    for row in table.rows[2:]:
+        ind = _individual_array(results, row.init)
+        select = np.array([_select_array(results, row.init, row.method, lam).mean(1) for lam in LAMBDAS])  # λ × seed
+        chosen = [LAMBDAS[k] for k in select.argmax(0)]
+        assert row.seed_lambdas == chosen
+        report = np.array([_scores_array(results, row.init, row.method, lam)[k] for k, lam in enumerate(chosen)])
+        assert row.scores == pytest.approx(dict(zip(TASKS, report.mean(0))))
+        assert row.average == pytest.approx(report.mean())
+        assert row.normalised_average == pytest.approx((report / ind).mean())
+        assert row.average_std == pytest.approx(report.mean(1).std(ddof=1))
+    mixed = next(r for r in table.rows[2:] if len(set(r.seed_lambdas)) > 1)
+    cell = "/".join(f"{lam:g}" for lam in mixed.seed_lambdas)
+    assert f"| {mixed.init} | {mixed.method} | {cell} |" in table_markdown(table)
+
+
+def test_paired_differences_are_per_seed_differences_with_t_intervals(results, tmp_path):
+    entries = {(e["init"], e["method"]): e for e in results["paired"]}
+    assert set(entries) == {("osrm", m) for m in (*METHODS, "individual")}
+    chosen = {(e["init"], e["method"], e["seed"]): e["selected"]["average"] for e in results["selection"]}
+    for (init, method), e in entries.items():
+        if method == "individual":
+            d = _individual_array(results, init).mean(1) - _individual_array(results, INITS[0]).mean(1)
+        else:
+            d = np.array([chosen[(init, method, s)] - chosen[(INITS[0], method, s)] for s in SEEDS])
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        assert (e["n"], e["mean"], e["sd"]) == (3, pytest.approx(d.mean()), pytest.approx(d.std(ddof=1)))
+        assert (e["t_low"], e["t_high"]) == (pytest.approx(d.mean() - half), pytest.approx(d.mean() + half))
+        assert e["bootstrap_low"] is None and e["excludes_zero"] == (d.mean() - half > 0 or d.mean() + half < 0)
+    text = write_report(results, tmp_path)["report"].read_text()
+    assert f"## Paired differences from {INITS[0]} over seeds" in text
+    for e in entries.values():
+        assert e["verdict"] in text and ("includes 0" in e["verdict"] or "excludes 0" in e["verdict"])
+
+
+def test_diagnostics_summary_averages_adapters_and_seeds(results, tmp_path):
+    rows = {row["init"]: row for row in diagnostics_rows(results)}
+    assert list(rows) == INITS
+    for init, row in rows.items():
+        records = [d for d in results["diagnostics"] if d["init"] == init]
+        for key in DIAGNOSTIC_KEYS:
+            assert row[key] == pytest.approx(np.mean([d["adapters"][t][key] for d in records for t in TASKS]))
+        off = ~np.eye(3, dtype=bool)
+        assert row["absolute_interference"] == pytest.approx(
+            np.mean([np.array(d["absolute_interference"])[off].mean() for d in records]))
+        assert row["mean_overlap"] == pytest.approx(np.mean([d["mean_overlap"] for d in records]))
+    text = write_report(results, tmp_path)["report"].read_text()
+    assert "## Adapter diagnostics" in text and f"{rows['osrm']['delta_norm']:.4g}" in text
+
+
+@pytest.mark.parametrize("labels, metrics", [
+    (("a", "b"), ("accuracy", "f1", "matthews", "mean_f1_accuracy", "macro_f1")),
+    (("a", "b", "c", "d"), ("accuracy", "macro_f1", "matthews")),
+    (None, ("pearson", "spearman", "mean_pearson_spearman")),
+])
+def test_example_values_are_the_brute_force_jackknife(labels, metrics):
+    """vᵢ = M + (n − 1)(mean_j M₋ⱼ − M₋ᵢ) with every M₋ᵢ from `compute_metrics` on the other examples; they
+    average to M; for accuracy they are the correctness. The compact encoding round-trips."""
+    rng = np.random.default_rng(1)
+    spec = TaskSpec("t", ("text",), labels, metrics, metrics[0])
+    n = 40
+    if labels is None:
+        gold = np.round(rng.uniform(0, 5, n) * 2) / 2
+        pred = gold + rng.normal(0, 1, n)
+        pred[:4] = pred[4]  # ties
+    else:
+        gold = rng.integers(len(labels), size=n)
+        pred = np.where(rng.random(n) < 0.6, gold, rng.integers(len(labels), size=n))
+    regression = labels is None
+    pred = decode_labels(encode_labels(pred, regression))
+    assert np.array_equal(decode_labels(encode_labels(gold, regression)), gold)
+    for metric in metrics:
+        full = compute_metrics(spec, pred, gold)[metric]
+        without = np.array([compute_metrics(spec, np.delete(pred, i), np.delete(gold, i))[metric] for i in range(n)])
+        got = example_values(metric, pred, gold, None if regression else len(labels))
+        np.testing.assert_allclose(got, full + (n - 1) * (without.mean() - without), atol=1e-12)
+        assert got.mean() == pytest.approx(full, abs=1e-12)
+        if metric == "accuracy":
+            assert np.array_equal(got, (pred == gold).astype(float))

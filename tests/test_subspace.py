@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
-from helpers_core import OneLinear, anisotropic_inputs, naive_second_moment, stats_from_inputs
-from peft import LoraConfig, get_peft_model
+from helpers_core import anisotropic_inputs, naive_second_moment, stats_from_inputs
 
 from osrm_lora.io import OsrmFileError
 from osrm_lora.stats import StatsMismatchError
 from osrm_lora.subspace import (
-    KAIMING_ROW_NORM,
     Subspace,
     compute_subspaces,
     mean_null_space,
@@ -101,6 +97,29 @@ def test_leave_one_out_equals_per_task_recomputation(tasks, variant):
         for m in s.modules:
             torch.testing.assert_close(subs[s.task].A[m], alone.A[m], rtol=0, atol=1e-5)
             assert subs[s.task].energy[m] == pytest.approx(alone.energy[m], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["cov", "mean"])
+def test_a_pool_apart_from_the_tasks_given_subspaces(tasks, variant):
+    stats, inputs = tasks
+    extra, _ = make_task("d", 3, n=50)
+    subs = compute_subspaces(stats, 3, variant=variant, tasks=["b", "d"])
+    assert list(subs) == ["b", "d"]
+    assert subs["b"].others == ["a", "c"] and subs["d"].others == ["a", "b", "c"]
+    loo = compute_subspaces(stats, 3, variant=variant)["b"]
+    outside = subspace_from_others("d", stats, 3, variant=variant)
+    for m in stats[0].modules:
+        torch.testing.assert_close(subs["b"].A[m], loo.A[m], rtol=0, atol=0)  # the pool task leaves itself out
+        torch.testing.assert_close(subs["d"].A[m], outside.A[m], rtol=0, atol=1e-6)  # the other uses all of it
+    if variant == "cov":  # d's rows: the r least-energy directions of the whole pool's mixture
+        sigma = naive_second_moment([inputs[t]["l2.q"].numpy() for t in "abc"], "equal")
+        A = subs["d"].A["l2.q"].double().numpy()
+        np.testing.assert_allclose(np.trace(A @ sigma @ A.T), np.linalg.eigvalsh(sigma)[:3].sum(), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"task 'a': the statistics pool \['a'\] holds no task besides it"):
+        compute_subspaces(stats[:1], 2, tasks=["a", "d"])
+    assert compute_subspaces(stats[:1], 2, tasks=["d"])["d"].others == ["a"]
+    with pytest.raises(ValueError, match="must be unique"):
+        compute_subspaces([*stats, extra, extra], 2)
 
 
 def test_centered_variant_against_numpy_cov(tasks):
@@ -191,11 +210,11 @@ def test_shared_inputs_give_identical_rows_and_rank_mapping_is_respected(tasks):
 
 def test_save_load_round_trip(tasks, tmp_path):
     stats, _ = tasks
-    sub = compute_subspaces(stats, 3, variant="mean", weighting="trace", scale="kaiming")["b"]
+    sub = compute_subspaces(stats, 3, variant="mean", weighting="trace")["b"]
     path = tmp_path / "b.subspace.safetensors"
     sub.save(path)
     back = Subspace.load(path)
-    fields = ("task", "variant", "weighting", "scale", "model", "config_hash", "others", "energy", "spectrum")
+    fields = ("task", "variant", "weighting", "model", "config_hash", "others", "energy", "spectrum")
     for name in fields:
         assert getattr(back, name) == getattr(sub, name), name
     assert back.modules == sub.modules
@@ -252,19 +271,3 @@ def test_warns_when_the_others_have_fewer_tokens_than_the_rank():
         compute_subspaces(few, 3)
     assert sorted(str(w.message).split(":")[0] for w in caught) == ["task 'a'", "task 'b'"]
     assert all(w.filename == __file__ for w in caught)  # points at the caller
-
-
-def test_kaiming_scale_matches_the_norm_of_peft_default_init(tasks):
-    stats, _ = tasks
-    r, d = 8, 64
-    norms = []
-    for seed in range(20):
-        model = get_peft_model(OneLinear(d, 8, seed), LoraConfig(r=r, target_modules=["proj"]))
-        norms.append(model.base_model.model.proj.lora_A["default"].weight.norm().item())
-    assert np.mean(norms) == pytest.approx(math.sqrt(r) * KAIMING_ROW_NORM, rel=0.03)
-
-    orth = compute_subspaces(stats, 3)["a"]
-    kaiming = compute_subspaces(stats, 3, scale="kaiming")["a"]
-    for m in orth.modules:
-        torch.testing.assert_close(kaiming.A[m], orth.A[m] * KAIMING_ROW_NORM)
-        assert kaiming.energy[m] == orth.energy[m]  # energy is a property of the directions, not the scale

@@ -168,7 +168,7 @@ def _adapter_tensors(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("init", ["gaussian", "osrm"])
+@pytest.mark.parametrize("init", ["kaiming", "osrm"])
 def test_training_reduces_loss_and_keeps_best_epoch(task, bert_dir, other_stats, tmp_path, init):
     stats = other_stats if init == "osrm" else None
     result = finetune(task, bert_dir, tmp_path / "out", init=init, other_stats=stats, seed=0,
@@ -202,7 +202,54 @@ def test_osrm_init_sets_A_to_the_smallest_eigenvectors_of_the_other_tasks(task, 
     assert meta["subspace"]["others"] == ["other"]
 
 
-@pytest.mark.parametrize("freeze, init", [("A", "gaussian"), ("B", "pissa")])
+def test_init_options_tasks_and_the_official_init_reach_the_adapter(task, bert_dir, other_stats, tmp_path):
+    subspace = subspace_from_others("sentiment", other_stats, 4)
+    snap = Snapshot()
+    result = finetune(task, bert_dir, tmp_path / "scaled", init="osrm", init_options={"scale": "gaussian"},
+                      subspace=subspace, lora={"r": 4}, training=dict(FAST, max_steps=1), callbacks=[snap])
+    for name, a in snap.before.items():
+        if ".lora_A." in name:
+            module = name.removeprefix("base_model.model.").split(".lora_A.")[0]
+            torch.testing.assert_close(a, subspace.rows(module, 4) * (32 ** 0.5 / 4))  # √d / r
+    meta = json.loads((result.path / "osrm_lora.json").read_text())
+    assert meta["init_options"] == {"scale": "gaussian"} and meta["merged_tasks"] == []
+
+    tasks = ["other", "sentiment"]
+    other = Task.from_records(TaskSpec("other", ("text",), ("negative", "positive"), ("accuracy",), "accuracy"),
+                              {"train": _sentences(32, 2)})
+    snaps = {t: Snapshot() for t in tasks}
+    for t, data in zip(tasks, (other, task)):  # the adapters of two merged tasks start on orthogonal rows
+        finetune(data, bert_dir, tmp_path / t, init="task-orthogonal", tasks=tasks, lora={"r": 4},
+                 training=dict(FAST, max_steps=1), callbacks=[snaps[t]])
+    for name, a in snaps["other"].before.items():
+        if ".lora_A." in name:
+            assert float((a @ snaps["sentiment"].before[name].T).abs().max()) < 1e-5
+    assert json.loads((tmp_path / "other" / "osrm_lora.json").read_text())["merged_tasks"] == tasks
+
+    from osrm_lora.inits.official_tensors import official_stats
+    model, tokenizer = load_model_and_tokenizer(bert_dir, SPEC)
+    foreign = Task.from_records(SPEC, {"train": _sentences(20, 5)})
+    padded = [official_stats(foreign, model, tokenizer, samples=8, max_length=16)]
+    padded[0].task = "other"
+    snap = Snapshot()
+    result = finetune(task, bert_dir, tmp_path / "official", init="osrm-official", other_stats=padded,
+                      lora={"r": 4}, training=dict(FAST, max_steps=1), callbacks=[snap])
+    meta = json.loads((result.path / "osrm_lora.json").read_text())
+    assert meta["subspace"]["variant"] == "official" and meta["subspace"]["others"] == ["other"]
+    for name, a in snap.before.items():
+        if ".lora_A." in name:  # orthogonal to the other task's padded mean input
+            module = name.removeprefix("base_model.model.").split(".lora_A.")[0]
+            assert float((a.double() @ padded[0].mean(module)).abs().max()) < 1e-4
+    with pytest.raises(ValueError, match="count real tokens only"):
+        finetune(task, bert_dir, tmp_path / "y", init="osrm-official", other_stats=other_stats, lora={"r": 4})
+    with pytest.raises(ValueError, match="init 'osrm': unknown option 'size'"):
+        finetune(task, bert_dir, tmp_path / "y", init="osrm", init_options={"size": 2}, subspace=subspace)
+    with pytest.raises(ValueError, match="not among"):
+        finetune(task, bert_dir, tmp_path / "y", init="task-orthogonal", lora={"r": 4},
+                 training=dict(FAST, max_steps=1))
+
+
+@pytest.mark.parametrize("freeze, init", [("A", "kaiming"), ("B", "pissa")])
 def test_freeze_keeps_exactly_that_factor(task, bert_dir, tmp_path, freeze, init):
     # PiSSA starts with B != 0, so with B frozen A still receives gradients.
     snap = Snapshot()
@@ -231,7 +278,7 @@ def _logits(model, tokenizer, texts):
         return model(**batch).logits
 
 
-@pytest.mark.parametrize("init", ["gaussian", "olora"])
+@pytest.mark.parametrize("init", ["kaiming", "olora"])
 def test_saved_folder_reloads_on_a_fresh_base_with_identical_logits(task, bert_dir, tmp_path, init):
     out = tmp_path / "out"
     result = finetune(task, bert_dir, out, init=init, lora={"r": 4}, seed=3,
@@ -355,7 +402,7 @@ def test_init_arguments_are_checked(task, bert_dir, other_stats, tmp_path):
     with pytest.raises(ValueError, match="needs the task's subspace"):
         finetune(task, bert_dir, tmp_path / "x", init="osrm")
     with pytest.raises(ValueError, match="uses no subspace"):
-        finetune(task, bert_dir, tmp_path / "x", init="gaussian", other_stats=other_stats)
+        finetune(task, bert_dir, tmp_path / "x", init="kaiming", other_stats=other_stats)
     with pytest.raises(ValueError, match="is unknown"):
         finetune(task, bert_dir, tmp_path / "x", init="lora-ga")
     foreign = subspace_from_others("another-task", other_stats, 4)

@@ -4,10 +4,12 @@ Everything here is a pure function of the results dict (see `osrm_lora.pipeline`
 report can be rebuilt at any time with `osrm-lora report OUTPUT_DIR` without touching a model.
 
 Rows are ``init × merge method`` (plus the individually fine-tuned adapters as reference rows), columns are
-the tasks' primary scores, their average and the normalised average (merged score / the same init's individual
-score, averaged over the tasks whose individual score is positive). Two views: the best λ of each row (chosen on
-the evaluation split, as an upper bound, the way the paper's grid search does) and a fixed λ (the method's
-documented default).
+the tasks' primary scores on the `report` rows, their average and the normalised average (merged score / the
+same init's individual score, averaged over the tasks whose individual score is positive). Three views: λ
+selected per seed on the held-out `select` rows (the result), the oracle λ tuned on the `report` rows
+themselves (optimistic: what a grid search on the reported data gives) and a fixed λ (the method's default).
+Beside them: each init's paired differences from the reference init over seeds, with intervals and verdicts
+in words, and the per-adapter diagnostics.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from typing import Any
 from .errors import OsrmLoraError
 from .io import atomic_path, write_json, write_text
 from .scores import average, normalised_average, normalised_scores
+from .study import INDIVIDUAL
 
 RESULTS_FORMAT = "osrm-lora/results/1"
-INDIVIDUAL = "individual"
 
 
 class ResultsError(OsrmLoraError):
@@ -46,6 +48,7 @@ class Row:
     normalised_average: float
     average_std: float = 0.0
     seeds: int = 1
+    seed_lambdas: list[float | None] | None = None  # λ of each seed where it was selected per seed
 
 
 @dataclass
@@ -158,7 +161,7 @@ def individual_rows(results: Mapping[str, Any]) -> list[Row]:
 
 
 def _order(results: Mapping[str, Any], keys: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Rows grouped by method (config order), gaussian/OSRM next to each other as in the paper."""
+    """Rows grouped by method (config order), kaiming/OSRM next to each other as in the paper."""
     methods = list(results.get("methods") or [])
     inits = list(results["inits"])
     return sorted(
@@ -171,10 +174,34 @@ def _order(results: Mapping[str, Any], keys: Iterable[tuple[str, str]]) -> list[
     )
 
 
+def selected_lambda_table(results: Mapping[str, Any]) -> Table:
+    """Each (init, method) at the λ each seed selected on its `select` rows, scored on `report`
+    (`results["selection"]`); seeds without every individual score are left out."""
+    tasks = list(results["tasks"])
+    individual = _individual_scores(results)
+    grouped: dict[tuple[str, str], dict[int, dict]] = {}
+    for entry in results.get("selection") or []:
+        if _complete(individual.get((entry["init"], entry["seed"]), {}), tasks):
+            grouped.setdefault((entry["init"], entry["method"]), {})[entry["seed"]] = entry["selected"]
+    title = "Best λ on held-out examples (chosen per seed on the select rows, scored on the report rows)"
+    table = Table("selected_lambda", title, tasks)
+    table.rows = individual_rows(results)
+    for init, method in _order(results, grouped):
+        chosen = grouped[(init, method)]
+        seeds = sorted(chosen)
+        row = _row(init, method, None, {s: chosen[s]["scores"] for s in seeds}, individual, tasks)
+        row.seed_lambdas = [_lambda(chosen[s]["lambda"]) for s in seeds]
+        if len(set(row.seed_lambdas)) == 1:
+            row.lam = row.seed_lambdas[0]
+        table.rows.append(row)
+    return table
+
+
 def best_lambda_table(results: Mapping[str, Any]) -> Table:
-    """Each (init, method) at the λ with the highest average score."""
+    """Each (init, method) at the λ with the highest average score on the report rows: the oracle."""
     curves = lambda_curves(results)
-    table = Table("best_lambda", "Best λ per row (selected on the evaluation split)", list(results["tasks"]))
+    title = "Oracle λ per row (tuned on the report rows themselves: optimistic, not a result)"
+    table = Table("best_lambda", title, list(results["tasks"]))
     table.rows = individual_rows(results)
     for key in _order(results, curves):
         table.rows.append(max(curves[key], key=lambda row: (row.average, -(row.lam or 0.0))))
@@ -185,7 +212,7 @@ def fixed_lambda_table(results: Mapping[str, Any]) -> Table:
     """Each (init, method) at its fixed λ (`results["fixed_lambda"][method]`; None for methods without λ)."""
     curves = lambda_curves(results)
     fixed = results.get("fixed_lambda") or {}
-    table = Table("fixed_lambda", "Fixed λ per method", list(results["tasks"]))
+    table = Table("fixed_lambda", "Fixed λ per method (report rows)", list(results["tasks"]))
     table.rows = individual_rows(results)
     for key in _order(results, curves):
         lam = _lambda(fixed.get(key[1]))
@@ -203,6 +230,13 @@ def _fmt_lambda(lam: float | None) -> str:
     return "" if lam is None else f"{lam:g}"
 
 
+def lambda_cell(row: Row) -> str:
+    """A row's λ: one value, or each seed's (``0.5/1``) where the seeds selected different ones."""
+    if row.seed_lambdas and len(set(row.seed_lambdas)) > 1:
+        return "/".join(_fmt_lambda(lam) for lam in row.seed_lambdas)
+    return _fmt_lambda(row.lam)
+
+
 def table_csv(table: Table) -> str:
     """The table as CSV with raw scores (0..1) so it round-trips with `results.json`."""
     buf = io.StringIO()
@@ -215,7 +249,7 @@ def table_csv(table: Table) -> str:
             [
                 row.init,
                 row.method,
-                _fmt_lambda(row.lam),
+                lambda_cell(row),
                 *(f"{row.scores[t]:.6f}" for t in table.tasks),
                 f"{row.average:.6f}",
                 f"{row.normalised_average:.6f}",
@@ -235,7 +269,7 @@ def table_markdown(table: Table) -> str:
         cells = [
             row.init,
             row.method,
-            _fmt_lambda(row.lam),
+            lambda_cell(row),
             *(f"{100 * row.scores[t]:.2f}" for t in table.tasks),
             avg,
             f"{100 * row.normalised_average:.2f}",
@@ -279,9 +313,22 @@ def _new_figure(width: float, height: float):
     return fig
 
 
+def _select_curves(results: Mapping[str, Any]) -> dict[tuple[str, str], tuple[list[float], list[float]]]:
+    """(init, method) -> (λ, select average over tasks and seeds) from the per-seed λ choices."""
+    by_lam: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for entry in results.get("selection") or []:
+        for point in entry["curve"]:
+            if point["lambda"] is not None:
+                key = (entry["init"], entry["method"])
+                by_lam.setdefault(key, {}).setdefault(point["lambda"], []).append(point["select_average"])
+    return {k: (sorted(v), [statistics.fmean(v[lam]) for lam in sorted(v)]) for k, v in by_lam.items()}
+
+
 def plot_lambda_curves(results: Mapping[str, Any], path: Path) -> None:
-    """Average score vs λ, one panel per method, one line per init; dashed: the individual adapters."""
+    """Average score vs λ, one panel per method, one line per init on the report rows (dotted: on the select
+    rows, where λ is chosen); dashed: the individual adapters."""
     curves = {k: rows for k, rows in lambda_curves(results).items() if rows[0].lam is not None}
+    select = _select_curves(results)
     methods = [m for m in (results.get("methods") or []) if any(k[1] == m for k in curves)]
     methods += sorted({k[1] for k in curves} - set(methods))
     fig = _new_figure(4.2 * max(len(methods), 1), 3.4)
@@ -296,14 +343,56 @@ def plot_lambda_curves(results: Mapping[str, Any], path: Path) -> None:
             ax.plot(
                 [r.lam for r in rows], [100 * r.average for r in rows], marker="o", color=color, label=init
             )
+            if (init, method) in select:
+                lams, averages = select[(init, method)]
+                ax.plot(lams, [100 * a for a in averages], linestyle=":", color=color, label=f"{init} (select)")
             if init in individual:
                 ax.axhline(100 * individual[init], color=color, linestyle="--", linewidth=0.8)
-        ax.set_title(method)
-        ax.set_xlabel("λ")
-        ax.set_ylabel("average score (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label_axes(ax, method, "λ", "average score (%)")
     _save_figure(fig, path)
+
+
+def _label_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_samples(results: Mapping[str, Any], table: Table, path: Path) -> bool:
+    """Merged average score at the selected λ vs the statistics sample size, one panel per method and one line
+    per statistics-based init entry (`results["init_runs"]`); dashed: the inits without statistics. False when
+    no entry was run at two sample sizes."""
+    runs = results.get("init_runs") or {}
+    points: dict[tuple[str, str], dict[int, float]] = {}
+    flat: dict[tuple[str, str], float] = {}
+    for row in table.rows:
+        if row.method == INDIVIDUAL or row.init not in runs:
+            continue
+        run = runs[row.init]
+        if run["samples"] is None:
+            flat[(row.init, row.method)] = row.average
+        else:
+            points.setdefault((run["entry"], row.method), {})[run["samples"]] = row.average
+    if not any(len(p) > 1 for p in points.values()):
+        return False
+    methods = list(dict.fromkeys(method for _, method in points))
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys([e for e, _ in points] + [i for i, _ in flat]))}
+    fig = _new_figure(4.2 * len(methods), 3.4)
+    for i, method in enumerate(methods):
+        ax = fig.add_subplot(1, len(methods), i + 1)
+        for (entry, m), by_size in points.items():
+            if m == method:
+                sizes = sorted(by_size)
+                ax.plot(sizes, [100 * by_size[n] for n in sizes], marker="o", color=colors[entry], label=entry)
+        for (init, m), value in flat.items():
+            if m == method:
+                ax.axhline(100 * value, color=colors[init], linestyle="--", linewidth=0.8, label=init)
+        ax.set_xscale("log")
+        _label_axes(ax, method, "statistics examples per task", "merged average score (%)")
+    _save_figure(fig, path)
+    return True
 
 
 def plot_interference(results: Mapping[str, Any], path: Path) -> bool:
@@ -382,13 +471,98 @@ def _interference_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _interval(low: float | None, high: float | None) -> str:
+    return "n/a" if low is None or high is None else f"[{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "n/a" if value is None else ("yes" if value else "no")
+
+
+def paired_markdown(results: Mapping[str, Any]) -> str:
+    """The paired differences from the reference init: a table (points) and each verdict in words."""
+    entries = results.get("paired") or []
+    if not entries:
+        return ""
+    level = f"{100 * entries[0]['level']:g} %"
+    head = (f"| init − {results.get('reference_init', entries[0]['reference'])} | method | n | mean | s.d. | "
+            f"{level} t-interval | excludes 0 | {level} bootstrap | excludes 0 |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---|---:|---|"]
+    for e in entries:
+        sd = "n/a" if e["sd"] is None else f"{100 * e['sd']:.2f}"
+        lines.append(f"| {e['init']} | {e['method']} | {e['n']} | {100 * e['mean']:+.2f} | {sd} | "
+                     f"{_interval(e['t_low'], e['t_high'])} | {_yes_no(e['excludes_zero'] if e['n'] > 1 else None)} | "
+                     f"{_interval(e['bootstrap_low'], e['bootstrap_high'])} | "
+                     f"{_yes_no(e['bootstrap_excludes_zero'])} |")
+    lines.append("")
+    lines += [f"- {e['verdict']}" for e in entries]
+    return "\n".join(lines) + "\n"
+
+
+DIAGNOSTICS = (  # (column, key of an adapter's diagnostics), averaged over tasks and seeds
+    ("‖ΔW‖_F", "delta_norm"),
+    ("A retention", "retention"),
+    ("others' energy at init", "captured_init"),
+    ("others' energy after", "captured_trained"),
+    ("coordinate mass", "coordinate_mass"),
+)
+
+
+DIAGNOSTICS_NOTE = (
+    "Means over adapters and seeds, exact from the statistics: ‖ΔW‖_F over all modules; how much of the trained "
+    "A stays in its initial row space; the other tasks' input energy A's row space captures at init and after "
+    "training; the share of ‖A‖² on its r largest input coordinates; cross-task interference on task i's "
+    "inputs relative to the base output, beside its ratio to task i's own update; the mean overlap "
+    "‖A_i A_jᵀ‖²/(‖A_i‖²‖A_j‖²).\n"
+)
+
+
+def _off_diagonal_mean(matrix: list[list[float | None]]) -> float:
+    values = [v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v is not None]
+    return statistics.fmean(values) if values else math.nan
+
+
+def diagnostics_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per init: each diagnostic's mean over its adapters and seeds (None where undefined), the mean
+    off-diagonal absolute interference and ratio, and the mean overlap of the tasks' A's."""
+    grouped: dict[str, list[dict]] = {}
+    for record in results.get("diagnostics") or []:
+        grouped.setdefault(record["init"], []).append(record)
+    rows = []
+    for init in [i for i in results["inits"] if i in grouped]:
+        records = grouped[init]
+        row: dict[str, Any] = {"init": init, "seeds": len(records)}
+        for _, key in DIAGNOSTICS:
+            values = [a[key] for r in records for a in r["adapters"].values() if a[key] is not None]
+            row[key] = statistics.fmean(values) if values else None
+        row["absolute_interference"] = statistics.fmean(_off_diagonal_mean(r["absolute_interference"]) for r in records)
+        row["interference_ratio"] = statistics.fmean(_off_diagonal_mean(r["interference_ratio"]) for r in records)
+        overlaps = [r["mean_overlap"] for r in records if r["mean_overlap"] is not None]
+        row["mean_overlap"] = statistics.fmean(overlaps) if overlaps else None
+        rows.append(row)
+    return rows
+
+
+def diagnostics_markdown(results: Mapping[str, Any]) -> str:
+    rows = diagnostics_rows(results)
+    if not rows:
+        return ""
+    columns = [*DIAGNOSTICS, ("interference E‖ΔW_j x_i‖²/E‖W₀x_i‖²", "absolute_interference"),
+               ("ratio to own ΔW_i", "interference_ratio"), ("mean A overlap", "mean_overlap")]
+    lines = ["| init | " + " | ".join(c for c, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for row in rows:
+        cells = ["n/a" if row[k] is None or math.isnan(row[k]) else f"{row[k]:.4g}" for _, k in columns]
+        lines.append(f"| {row['init']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: Mapping[str, Any], output_dir: str | Path) -> dict[str, Path]:
     """Write report.md, the CSV tables and the PNG plots into `output_dir`; returns what was written."""
     check_results(results)
     output_dir = Path(output_dir)
-    best, fixed = best_lambda_table(results), fixed_lambda_table(results)
+    selected, best, fixed = selected_lambda_table(results), best_lambda_table(results), fixed_lambda_table(results)
     written: dict[str, Path] = {}
-    for table in (best, fixed):
+    for table in (selected, best, fixed):
         written[f"{table.name}.csv"] = output_dir / f"table_{table.name}.csv"
         write_text(written[f"{table.name}.csv"], table_csv(table))
     plots = output_dir / "plots"
@@ -397,25 +571,37 @@ def write_report(results: Mapping[str, Any], output_dir: str | Path) -> dict[str
     if plot_interference(results, plots / "interference.png"):
         written["interference_plot"] = plots / "interference.png"
     written["bars_plot"] = plots / "task_scores_best_lambda.png"
-    plot_task_bars(best, written["bars_plot"])
+    plot_task_bars(selected, written["bars_plot"])
+    if plot_samples(results, selected, plots / "score_vs_samples.png"):
+        written["samples_plot"] = plots / "score_vs_samples.png"
 
     fixed_note = ", ".join(
         f"{m}: λ={lam:g}" for m, lam in (results.get("fixed_lambda") or {}).items() if lam is not None
     )
     metrics = ", ".join(f"{t}: {m}" for t, m in (results.get("primary_metrics") or {}).items())
+    evaluation = results.get("evaluation") or {}
     parts = [
         f"# {results.get('experiment', 'experiment')}: merging LoRA adapters\n",
         f"Model `{results.get('model', '?')}`; seeds {results['seeds']}; primary metrics: {metrics}.\n",
         (
-            "Scores in percent; *norm. avg* is the mean over tasks of merged score / the same init's "
-            "individual score. The best-λ view picks each row's λ on the evaluation split itself (an upper "
-            "bound, like a grid search on validation data); the fixed-λ view needs no tuning.\n"
+            "Scores in percent on each task's *report* rows; *norm. avg* is the mean over tasks of merged score / "
+            "the same init's individual score. λ is chosen on disjoint held-out *select* rows "
+            f"({evaluation.get('select_examples', '?')} per task), per seed (λ per seed where they differ); "
+            "the oracle view tunes λ on the report rows themselves and is an optimistic bound, not a result; "
+            "the fixed-λ view needs no tuning.\n"
         ),
-        f"## {best.title}\n",
-        table_markdown(best),
-        f"## {fixed.title} ({fixed_note})\n",
-        table_markdown(fixed),
+        f"## {selected.title}\n",
+        table_markdown(selected),
     ]
+    paired = paired_markdown(results)
+    if paired:
+        parts += [f"## Paired differences from {results.get('reference_init')} over seeds\n",
+                  ("Per seed, the difference of the average score (merged: at each init's selected λ; "
+                   "individual: the unmerged adapters); points.\n"), paired]
+    parts += [f"## {best.title}\n", table_markdown(best), f"## {fixed.title} ({fixed_note})\n", table_markdown(fixed)]
+    diagnostics = diagnostics_markdown(results)
+    if diagnostics:
+        parts += ["## Adapter diagnostics\n", DIAGNOSTICS_NOTE, diagnostics]
     interference = _interference_markdown(results)
     if interference:
         parts += ["## Interference\n", interference, "![interference](plots/interference.png)\n"]
@@ -424,6 +610,8 @@ def write_report(results: Mapping[str, Any], output_dir: str | Path) -> dict[str
         "![score vs λ](plots/score_vs_lambda.png)\n",
         "![per-task scores](plots/task_scores_best_lambda.png)\n",
     ]
+    if "samples_plot" in written:
+        parts.append("![score vs statistics sample size](plots/score_vs_samples.png)\n")
     written["report"] = output_dir / "report.md"
     write_text(written["report"], "\n".join(parts))
     return written

@@ -22,6 +22,7 @@ Relative paths (output folder, task data files) are relative to the experiment f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,7 +54,9 @@ TASK_OPTIONS = (
     "source", "glue_dir", "include_extra_train", "files", "progress", "text_column", "text_pair_column",
     "label_column", "label_names", "regression", "metrics", "primary_metric", "format", "quoting",
 )
-STAGES = ("stats", "subspaces", "train", "eval", "fisher", "grams", "merge", "interference", "report")
+STAGES = (
+    "stats", "subspaces", "train", "eval", "fisher", "grams", "merge", "interference", "diagnostics", "report",
+)
 
 
 class ConfigError(OsrmLoraError):
@@ -61,7 +64,9 @@ class ConfigError(OsrmLoraError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Base of the file schemas: a misspelt key is an error, and so is a NaN or infinite number (`.nan`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LoraSettings(_Strict):
@@ -163,23 +168,99 @@ def _resolve(value: Any, base_dir: Path) -> Any:
 
 class StatisticsConfig(_Strict):
     """How each task's input statistics are collected: once per task on the base model, and with `grams:
-    finetuned` once per adapter on its fine-tuned model (the same sample), cached."""
+    finetuned` once per adapter on its fine-tuned model (the same sample), cached.
 
-    samples_per_task: int = Field(
-        64, gt=0, description="training examples per task fed through the base model"
+    `pool` names the tasks whose statistics make the subspaces (a merged task leaves its own out); by default
+    the merged tasks and every `pool_tasks` entry. A list of `samples_per_task` makes the sample size a study
+    axis: the subspaces, and the adapters of every init that starts from them, are made per value; the largest
+    (`reference`) is the sample that interference, RegMean's base Grams and the diagnostics read."""
+
+    samples_per_task: int | list[int] = Field(
+        64, description="training examples per task fed through the base model (a list: one study per value)"
     )
     batch_size: int = Field(16, gt=0)
     max_length: int = Field(128, gt=0, description="tokens per example after truncation")
     split: Literal["train", "dev"] = "train"
+    pool: list[str] | None = Field(
+        None, min_length=1, description="tasks whose statistics make the subspaces; default: tasks + pool_tasks"
+    )
+
+    @field_validator("samples_per_task")
+    @classmethod
+    def _positive_unique_sizes(cls, value: int | list[int]) -> int | list[int]:
+        sizes = value if isinstance(value, list) else [value]
+        if not sizes or any(n <= 0 for n in sizes) or _repeated(sizes):
+            raise ValueError(f"give one positive int or a list of distinct positive ints, got {value!r}")
+        return value
+
+    @field_validator("pool")
+    @classmethod
+    def _unique_pool(cls, pool: list[str] | None) -> list[str] | None:
+        if pool is not None and _repeated(pool):
+            raise ValueError(f"pool tasks must be unique; repeated: {_repeated(pool)}")
+        return pool
+
+    @property
+    def sizes(self) -> list[int]:
+        """The sample sizes, ascending."""
+        return sorted(self.samples_per_task if isinstance(self.samples_per_task, list) else [self.samples_per_task])
+
+    @property
+    def reference(self) -> int:
+        """The largest sample size: the statistics every stage without a sample-size axis reads."""
+        return self.sizes[-1]
+
+    def sample_inputs(self, samples: int | None = None) -> dict[str, Any]:
+        """What a statistics sample of `samples` examples (default `reference`) is fingerprinted by."""
+        return {"samples_per_task": samples or self.reference, "batch_size": self.batch_size,
+                "max_length": self.max_length, "split": self.split}
 
 
 class SubspaceConfig(_Strict):
     """Options of `subspace.compute_subspaces` for the inits that start from a subspace; `variant` is for the
-    inits accepting several (`osrm`), the others use their own (`osrm-mean`: mean)."""
+    inits accepting several (`osrm`), the others use their own (`osrm-mean`: mean, `osrm-official`: official).
+    How large A's rows are is each init's `scale` option."""
 
     variant: Literal[get_init("osrm").variants] = "cov"  # type: ignore[valid-type]
     weighting: Literal["equal", "tokens", "trace"] = "equal"
-    scale: Literal["orthonormal", "kaiming"] = "orthonormal"
+
+
+class InitEntry(BaseModel):
+    """One init to compare: a registered init by `name`, its options (the other keys) and the `label` that
+    names its adapters folder and report rows (default: the name), so one init can be compared with itself
+    under other options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, description="a registered init (`osrm-lora train --list-inits`)")
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="row label; default: the name")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def entry_label(self) -> str:
+        return self.label or self.name
+
+    @model_validator(mode="after")
+    def _known_init_and_options(self) -> InitEntry:
+        get_init(self.name).parse(self.options)
+        return self
+
+
+@dataclass(frozen=True)
+class InitRun:
+    """One init entry at one statistics sample size: what a set of adapters is trained with.
+
+    `label` keys its adapters and results (the entry's label, with ``-n<samples>`` when the study has several
+    sample sizes); `samples` is None for the inits that use no statistics."""
+
+    label: str
+    entry: str
+    name: str
+    options: dict[str, Any]
+    samples: int | None
 
 
 class FisherConfig(_Strict):
@@ -198,12 +279,34 @@ class FisherConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    """Where and how every model is scored."""
+    """Where and how every model is scored.
+
+    Each task's evaluation split is cut into two disjoint seeded parts: `select_examples` rows on which each
+    merge's λ is chosen, and the `report` rows (the rest, at most `max_examples`) whose scores are reported
+    at that λ. Individual adapters are scored on `report`."""
 
     split: Literal["dev", "test"] = "dev"
-    max_examples: int | None = Field(None, gt=0, description="first N examples of the split (seeded sample)")
+    select_examples: int = Field(200, gt=0, description="examples per task held out to choose λ on")
+    max_examples: int | None = Field(
+        None, gt=0, description="at most N report examples per task (seeded sample of the rest)"
+    )
     batch_size: int = Field(64, gt=0)
     max_length: int = Field(128, gt=0)
+
+
+class ReportConfig(_Strict):
+    """How the report compares inits: each against `reference_init`, with seeds as paired replicates."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    reference_init: str | None = Field(
+        None, description="the init every other is compared with; default kaiming if listed, else the first"
+    )
+    level: float = Field(0.95, gt=0, lt=1, description="coverage of the t- and bootstrap intervals")
+    resamples: int = Field(2000, gt=0, description="bootstrap replicates")
+    threshold: float = Field(
+        0.0, ge=0, description="smallest difference (score units) that matters, for the verdicts"
+    )
 
 
 class MergeConfig(_Strict):
@@ -306,7 +409,13 @@ class ExperimentConfig(_Strict):
     model: ModelConfig
     tasks: list[TaskConfig] = Field(min_length=2, description="at least two tasks to merge")
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    inits: list[str] = Field(default_factory=lambda: ["gaussian", "osrm"], min_length=1)
+    pool_tasks: list[TaskConfig] = Field(
+        default_factory=list, description="tasks only in the statistics pool: neither trained nor merged"
+    )
+    inits: list[InitEntry] = Field(
+        default_factory=lambda: [InitEntry(name="kaiming"), InitEntry(name="osrm")], min_length=1,
+        description="init names, or mappings {name, label, <options>}",
+    )
     subspace: SubspaceConfig = Field(default_factory=SubspaceConfig)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
@@ -314,6 +423,8 @@ class ExperimentConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     merge: list[MergeConfig] = Field(min_length=1)
     interference: bool = Field(True, description="compute interference matrices (needs the statistics)")
+    diagnostics: bool = Field(True, description="per-adapter diagnostics from the statistics (needs them)")
+    report: ReportConfig = Field(default_factory=ReportConfig)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     output_dir: Path = Field(Path("runs/experiment"), description="relative to the experiment file")
     _base_dir: Path | None = PrivateAttr(None)
@@ -323,9 +434,9 @@ class ExperimentConfig(_Strict):
     def _model_shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
 
-    @field_validator("tasks", mode="before")
+    @field_validator("tasks", "pool_tasks", "inits", mode="before")
     @classmethod
-    def _task_shorthand(cls, value: Any) -> Any:
+    def _name_shorthand(cls, value: Any) -> Any:
         if isinstance(value, list):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
@@ -340,12 +451,28 @@ class ExperimentConfig(_Strict):
 
     @field_validator("inits")
     @classmethod
-    def _known_inits(cls, inits: list[str]) -> list[str]:
-        for init in inits:
-            get_init(init)
-        if _repeated(inits):
-            raise ValueError(f"inits must be unique, got {inits}")
+    def _unique_init_labels(cls, inits: list[InitEntry]) -> list[InitEntry]:
+        labels = [i.entry_label for i in inits]
+        if _repeated(labels):
+            raise ValueError(f"inits need distinct labels; repeated: {_repeated(labels)} (set 'label' on each)")
         return inits
+
+    @model_validator(mode="after")
+    def _pool_tasks_are_known(self) -> ExperimentConfig:
+        pool_names = [t.name for t in self.pool_tasks]
+        if _repeated(self.task_names + pool_names):
+            raise ValueError(f"pool_tasks repeat task names: {_repeated(self.task_names + pool_names)}")
+        if self.statistics.pool is not None:
+            unknown = [t for t in self.statistics.pool if t not in self.task_names + pool_names]
+            unused = [t for t in pool_names if t not in self.statistics.pool]
+            if unknown:
+                raise ValueError(f"statistics.pool names {unknown}, which are neither in tasks nor in pool_tasks")
+            if unused:
+                raise ValueError(f"pool_tasks {unused} are not in statistics.pool {self.statistics.pool}")
+        labels = [run.label for run in self.init_runs]
+        if _repeated(labels):
+            raise ValueError(f"init labels repeat once the sample sizes are added: {_repeated(labels)}")
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -362,9 +489,54 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"merge entries need distinct names; repeated: {dupes} (set 'name' on each)")
         return merges
 
+    @model_validator(mode="after")
+    def _reference_is_compared(self) -> ExperimentConfig:
+        ref = self.report.reference_init
+        if ref is not None and ref not in self.init_labels:
+            raise ValueError(f"report.reference_init {ref!r} is not one of the inits {self.init_labels}")
+        return self
+
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    @property
+    def reference_init(self) -> str:
+        """The init the others are compared with: as set, else kaiming (PEFT's default) if listed, else the first."""
+        if self.report.reference_init is not None:
+            return self.report.reference_init
+        return "kaiming" if "kaiming" in self.init_labels else self.init_labels[0]
+
+    @property
+    def pool(self) -> list[str]:
+        """The tasks whose statistics make the subspaces."""
+        return self.statistics.pool or self.task_names + [t.name for t in self.pool_tasks]
+
+    def task_entry(self, name: str) -> TaskConfig:
+        """The entry of a merged task or of a pool-only task."""
+        return next(t for t in [*self.tasks, *self.pool_tasks] if t.name == name)
+
+    @property
+    def init_runs(self) -> list[InitRun]:
+        """Every init entry at every sample size it depends on, in the order of `inits` then sizes."""
+        sizes = self.statistics.sizes
+        runs = []
+        for entry in self.inits:
+            if not get_init(entry.name).needs_stats:
+                runs.append(InitRun(entry.entry_label, entry.entry_label, entry.name, entry.options, None))
+                continue
+            for n in sizes:
+                label = entry.entry_label if len(sizes) == 1 else f"{entry.entry_label}-n{n}"
+                runs.append(InitRun(label, entry.entry_label, entry.name, entry.options, n))
+        return runs
+
+    @property
+    def init_labels(self) -> list[str]:
+        """The labels adapters, merges and results are keyed by (one per `init_runs` entry)."""
+        return [run.label for run in self.init_runs]
+
+    def init_run(self, label: str) -> InitRun:
+        return next(run for run in self.init_runs if run.label == label)
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

@@ -9,16 +9,19 @@ statistics; the only I/O is `Subspace.save` / `Subspace.load`.
 Weightings of the other tasks: ``equal`` (w_j = 1, every task counts the same whatever its size),
 ``tokens`` (w_j = n_j, i.e. the pooled moment ``Σ S_j / Σ n_j``), ``trace`` (w_j = 1/trace(M_j), so
 tasks with large activations do not dominate). Variants: ``cov`` (the paper's uncentred moment),
-``centered`` (each task's covariance ``M_j − μ_j μ_jᵀ``), ``mean`` (the official code's variant: the
-null space of the other tasks' mean inputs).
+``centered`` (each task's covariance ``M_j − μ_j μ_jᵀ``), ``mean`` (the null space of the other tasks'
+weighted mean inputs over real tokens), and ``official`` (`official_subspaces`: the official code's
+computation, on means that count padding; see docs/inits.md).
+
+The tasks whose statistics enter the mixtures (the pool) need not be the tasks given a subspace: a task in
+the pool leaves its own statistics out, a task outside it uses the whole pool.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,19 +29,16 @@ import torch
 
 from . import __version__
 from .errors import StatsError, SubspaceError
+from .forecast import contrast_rows, module_forecast, null_dimension
+from .identity import ModelIdentity, warn_without_digest
 from .io import OsrmFileError, load_tensors, save_tensors
 from .stats import TaskStats
 
 FORMAT = "osrm-lora/subspace/1"
-VARIANTS = ("cov", "centered", "mean")
+VARIANTS = ("cov", "centered", "mean")  # what `compute_subspaces` computes
+OFFICIAL = "official"  # the variant of `official_subspaces`
 WEIGHTINGS = ("equal", "tokens", "trace")
-SCALES = ("orthonormal", "kaiming")
 SPECTRUM_HEAD = 5  # eigenvalues kept at each end of the spectrum for diagnostics
-
-# PEFT initialises lora_A with kaiming_uniform_(a=√5): U(−b, b), b² = 3·gain²/fan_in, gain² = 2/(1+a²).
-# Each row then has expected squared norm fan_in · b²/3 = gain² = 1/3 whatever fan_in, so an r×d matrix
-# has expected Frobenius norm √(r/3); scaling orthonormal rows by gain matches it.
-KAIMING_ROW_NORM = math.sqrt(2.0 / (1.0 + 5.0))
 
 # Float64 bytes of d×d matrices held at once per batch of same-sized module groups.
 _BATCH_BYTES = 1 << 30
@@ -60,13 +60,17 @@ class Subspace:
     model: str
     config_hash: str
     weighting: str = "equal"
-    scale: str = "orthonormal"
     others: list[str] = field(default_factory=list)
     version: str = __version__
+    model_digest: str = ""  # the base model's content digest (`identity`); "" when unknown
 
     @property
     def modules(self) -> list[str]:
         return sorted(self.A)
+
+    def identity(self) -> ModelIdentity:
+        """The base model of the statistics this subspace was computed from."""
+        return ModelIdentity(self.model, self.config_hash, self.model_digest, f"the subspace of task {self.task!r}")
 
     def dim(self, module: str) -> int:
         return int(self._get(module).shape[1])
@@ -99,9 +103,9 @@ class Subspace:
             "task": self.task,
             "variant": self.variant,
             "weighting": self.weighting,
-            "scale": self.scale,
             "model": self.model,
             "config_hash": self.config_hash,
+            "model_digest": self.model_digest,
             "others": json.dumps(self.others),
             "modules": json.dumps({m: {"dim": self.dim(m), "rank": self.rank(m)} for m in self.modules}),
             "diagnostics": json.dumps({
@@ -110,8 +114,11 @@ class Subspace:
             "version": self.version,
         }
 
-    def save(self, path: str | Path) -> None:
-        save_tensors(path, {f"A.{m}": self.A[m].float() for m in self.modules}, self.metadata())
+    def save(self, path: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:
+        """Atomic safetensors file; an existing `path` that is no subspace file is replaced only with
+        `overwrite`, an input never (`io.check_output`)."""
+        save_tensors(path, {f"A.{m}": self.A[m].float() for m in self.modules}, self.metadata(),
+                     overwrite=overwrite, inputs=inputs)
 
     @classmethod
     def load(cls, path: str | Path) -> Subspace:
@@ -124,7 +131,7 @@ class Subspace:
             spectrum = {m: dict(diagnostics[m]["spectrum"]) for m in shapes}
             fields = {
                 "task": meta["task"], "variant": meta["variant"], "weighting": meta["weighting"],
-                "scale": meta["scale"], "model": meta["model"], "config_hash": meta["config_hash"],
+                "model": meta["model"], "config_hash": meta["config_hash"], "model_digest": meta.get("model_digest", ""),
                 "others": json.loads(meta["others"]), "version": meta.get("version", ""),
             }
         except (KeyError, TypeError, ValueError) as exc:
@@ -138,8 +145,10 @@ class Subspace:
                                     f"expected {expected} float")
             if not torch.isfinite(A[m]).all():
                 raise OsrmFileError(f"{path}: module {m}: stored A has NaN/Inf entries")
-        if fields["variant"] not in VARIANTS or fields["scale"] not in SCALES:
-            raise OsrmFileError(f"{path}: unknown variant {fields['variant']!r} or scale {fields['scale']!r}")
+        if fields["variant"] not in (*VARIANTS, OFFICIAL):
+            raise OsrmFileError(f"{path}: unknown variant {fields['variant']!r}")
+        if "model_digest" not in meta:
+            warn_without_digest(path, "subspace")
         return cls(A=A, energy=energy, spectrum=spectrum, **fields)
 
 
@@ -156,9 +165,7 @@ def others_moments(terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
     """
     if len(terms) < 2:
         raise SubspaceError(f"leave-one-out needs at least 2 tasks, got {len(terms)}")
-    total, weight = _running_sum(terms), _running_sum(weights)
-    for term, w in zip(terms, weights):
-        yield (total - term) / (weight - w)[..., None, None]
+    yield from _mixtures(terms, weights, range(len(terms)))
 
 
 def _running_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -248,9 +255,8 @@ def _resolve_ranks(ref: TaskStats, rank: int | Mapping[str, int], tasks: str) ->
     return ranks
 
 
-def _check_options(variant: str, weighting: str, scale: str) -> None:
-    for value, allowed, what in ((variant, VARIANTS, "variant"), (weighting, WEIGHTINGS, "weighting"),
-                                 (scale, SCALES, "scale")):
+def _check_options(variant: str, weighting: str) -> None:
+    for value, allowed, what in ((variant, VARIANTS, "variant"), (weighting, WEIGHTINGS, "weighting")):
         if value not in allowed:
             raise SubspaceError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
 
@@ -259,7 +265,7 @@ def _check_pool(pool: Sequence[TaskStats], ranks: Mapping[str, int]) -> None:
     ref = pool[0]
     dims = {m: ref.dim(m) for m in ranks}
     for s in pool:
-        s.check_matches(model=ref.model, config_hash=ref.config_hash, modules=dims,
+        s.check_matches(model=ref.identity(), modules=dims,
                         source=f"statistics of task {s.task!r} (vs task {ref.task!r})")
         if s.tokens <= 0:
             raise StatsError(f"statistics of task {s.task!r} hold no tokens")
@@ -321,11 +327,14 @@ class _Parts:
     energy: dict[str, float] = field(default_factory=dict)
     spectrum: dict[str, dict] = field(default_factory=dict)
     short_null: list[str] = field(default_factory=list)
+    wide_null: list[str] = field(default_factory=list)  # modules whose Σ₋ᵢ has more null directions than r
 
 
-def _solve(parts: _Parts, batch: list[list[str]], ranks: Mapping[str, int], variant: str, scale: str,
-           sigma: torch.Tensor, target: torch.Tensor | None, means: torch.Tensor | None) -> None:
-    """Decompose one task's batch and store each module's first r rows and diagnostics."""
+def _solve(parts: _Parts, batch: list[list[str]], ranks: Mapping[str, int], variant: str,
+           sigma: torch.Tensor, target: torch.Tensor | None, means: torch.Tensor | None,
+           own: torch.Tensor | None = None) -> None:
+    """Decompose one task's batch and store each module's first r rows and diagnostics, with the forecast
+    (`forecast`: the task's `own` moment, when it is in the pool, against Σ₋ᵢ)."""
     r_max = max(ranks[m] for g in batch for m in g)
     if variant == "mean":
         rows, values, null_dim = mean_null_space(means, r_max)
@@ -335,6 +344,8 @@ def _solve(parts: _Parts, batch: list[list[str]], ranks: Mapping[str, int], vari
         null_dim = None
         decomposed = "other tasks' second moment" if variant == "cov" else "other tasks' covariance"
     k = min(SPECTRUM_HEAD, values.shape[-1])
+    others_null = null_dimension(values if variant == "cov" else torch.linalg.eigvalsh(sigma))
+    contrast = contrast_rows(own, sigma, r_max)[0] if own is not None else None
     for gi, group in enumerate(batch):
         spectrum = {
             "decomposed": decomposed,
@@ -347,8 +358,14 @@ def _solve(parts: _Parts, batch: list[list[str]], ranks: Mapping[str, int], vari
         for m in group:
             A = rows[gi, :ranks[m]]
             parts.energy[m] = float(captured_energy(A, sigma[gi]))
-            parts.A[m] = (A * (KAIMING_ROW_NORM if scale == "kaiming" else 1.0)).float().cpu().contiguous()
+            parts.A[m] = A.float().cpu().contiguous()
             parts.spectrum[m] = dict(spectrum)
+            parts.spectrum[m]["others_null_dim"] = int(others_null[gi])
+            if others_null[gi] > ranks[m]:
+                parts.wide_null.append(m)
+            parts.spectrum[m]["forecast"] = module_forecast(
+                A, sigma[gi], own[gi] if own is not None else None,
+                contrast[gi, :ranks[m]] if contrast is not None else None)
             if null_dim is not None:
                 parts.spectrum[m]["filled"] = max(0, ranks[m] - int(null_dim[gi]))
                 if parts.spectrum[m]["filled"]:
@@ -356,7 +373,7 @@ def _solve(parts: _Parts, batch: list[list[str]], ranks: Mapping[str, int], vari
 
 
 def _finish(task: str, parts: _Parts, ref: TaskStats, others: list[str], others_tokens: int,
-            ranks: Mapping[str, int], variant: str, weighting: str, scale: str) -> tuple[Subspace, list[str]]:
+            ranks: Mapping[str, int], variant: str, weighting: str) -> tuple[Subspace, list[str]]:
     """The task's Subspace and the warnings its caller should raise about it."""
     notes = []
     r_max = max(ranks.values())
@@ -371,90 +388,178 @@ def _finish(task: str, parts: _Parts, ref: TaskStats, others: list[str], others_
             f"{len(parts.short_null)} modules (e.g. {parts.short_null[0]}); filled with the smallest "
             f"singular directions (see spectrum['filled'])"
         )
+    if parts.wide_null and others_tokens >= r_max:  # with fewer tokens than r the note above says it already
+        m = parts.wide_null[0]
+        notes.append(
+            f"task {task!r}: the other tasks' second moment has a numerical null space larger than the rank for "
+            f"{len(parts.wide_null)} modules (e.g. {m}: {parts.spectrum[m]['others_null_dim']} null directions, "
+            f"rank {ranks[m]}); any {ranks[m]} of them are equally unused, so the data do not determine the "
+            f"subspace (see spectrum['others_null_dim'])"
+        )
     subspace = Subspace(task=task, variant=variant, A=parts.A, energy=parts.energy, spectrum=parts.spectrum,
-                        model=ref.model, config_hash=ref.config_hash, weighting=weighting, scale=scale,
-                        others=others)
+                        model=ref.model, config_hash=ref.config_hash, model_digest=ref.model_digest,
+                        weighting=weighting, others=others)
     return subspace, notes
 
 
 def _mixtures(
-    terms: list[torch.Tensor], weights: list[torch.Tensor], leave_one_out: bool
+    terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], excluded: Sequence[int | None]
 ) -> Iterator[torch.Tensor]:
-    """Each job's weighted mixture: leave-one-out for every task, or the single mixture of all."""
-    if leave_one_out:
-        yield from others_moments(terms, weights)
-    else:
-        yield _running_sum(terms) / _running_sum(weights)[..., None, None]
+    """Each job's weighted mixture of the pool without its `excluded` task (None: the whole pool), all from one
+    running total: ``(Σ_j w_j M_j − w_e M_e) / (Σ_j w_j − w_e)``."""
+    total, weight = _running_sum(terms), _running_sum(weights)
+    for e in excluded:
+        if e is None:
+            yield total / weight[..., None, None]
+        else:
+            yield (total - terms[e]) / (weight - weights[e])[..., None, None]
 
 
-def _compute(pool: list[TaskStats], ranks: Mapping[str, int], variant: str, weighting: str, scale: str,
-             leave_one_out: bool) -> list[_Parts]:
-    """Stream over batches of module groups; one `_Parts` per task (leave-one-out) or a single one."""
-    jobs = [_Parts() for _ in (pool if leave_one_out else [None])]
+def _compute(pool: list[TaskStats], ranks: Mapping[str, int], variant: str, weighting: str,
+             excluded: list[int | None]) -> list[_Parts]:
+    """Stream over batches of module groups; one `_Parts` per job (the pool without its excluded task)."""
+    jobs = [_Parts() for _ in excluded]
     for batch in _batches(shared_input_groups(pool, list(ranks)), pool[0], len(pool)):
         terms = [_task_terms(s, [g[0] for g in batch], variant, weighting) for s in pool]
-        sigmas = _mixtures([t.moment for t in terms], [t.moment_w for t in terms], leave_one_out)
-        targets = _mixtures([t.target for t in terms], [t.target_w for t in terms], leave_one_out) \
+        sigmas = _mixtures([t.moment for t in terms], [t.moment_w for t in terms], excluded)
+        targets = _mixtures([t.target for t in terms], [t.target_w for t in terms], excluded) \
             if variant == "centered" else None
-        for i, parts in enumerate(jobs):
+        for e, parts in zip(excluded, jobs):
             sigma = next(sigmas)
             target = next(targets) if targets is not None else None
             means = None
             if variant == "mean":
-                others = [t for j, t in enumerate(terms) if not (leave_one_out and j == i)]
+                others = [t for j, t in enumerate(terms) if j != e]
                 w = torch.stack([t.mean_w for t in others]).sum(0)
                 means = torch.stack([t.mean for t in others], 1) / w.sqrt()[:, None, None]
-            _solve(parts, batch, ranks, variant, scale, sigma, target, means)
+            own = terms[e].moment / terms[e].moment_w[:, None, None] if e is not None else None
+            _solve(parts, batch, ranks, variant, sigma, target, means, own)
     return jobs
+
+
+def pool_jobs(pool: Sequence[str], tasks: Sequence[str] | None) -> tuple[list[str], list[int | None]]:
+    """The tasks to compute a subspace for (default: every pool task) and, for each, its index in the pool
+    (left out of its own mixture) or None (a task outside the pool uses all of it)."""
+    if len(set(pool)) != len(pool):
+        raise SubspaceError(f"task names must be unique, got {list(pool)}")
+    targets = list(pool) if tasks is None else list(tasks)
+    if len(set(targets)) != len(targets):
+        raise SubspaceError(f"tasks to compute subspaces for must be unique, got {targets}")
+    excluded = [pool.index(t) if t in pool else None for t in targets]
+    for t, e in zip(targets, excluded):
+        if len(pool) - (e is not None) < 1:
+            raise SubspaceError(f"task {t!r}: the statistics pool {list(pool)} holds no task besides it (OSRM "
+                                f"leave-one-out needs at least 2 tasks)")
+    return targets, excluded
+
+
+def _pool_subspaces(
+    stats: Sequence[TaskStats], rank: int | Mapping[str, int], variant: str, weighting: str,
+    tasks: Sequence[str] | None,
+) -> tuple[dict[str, Subspace], list[str]]:
+    """The subspaces `compute_subspaces` returns, and the warnings its caller should raise about them."""
+    pool = list(stats)
+    _check_options(variant, weighting)
+    names = [s.task for s in pool]
+    targets, excluded = pool_jobs(names, tasks)
+    ranks = _resolve_ranks(pool[0], rank, ", ".join(map(repr, names)))
+    _check_pool(pool, ranks)
+    parts = _compute(pool, ranks, variant, weighting, excluded)
+    total_tokens = sum(s.tokens for s in pool)
+    subspaces, notes = {}, []
+    for task, e, p in zip(targets, excluded, parts):
+        others = [n for j, n in enumerate(names) if j != e]
+        own = pool[e].tokens if e is not None else 0
+        subspaces[task], task_notes = _finish(task, p, pool[0], others, total_tokens - own, ranks, variant,
+                                              weighting)
+        notes += task_notes
+    return subspaces, notes
 
 
 def compute_subspaces(
     stats: Sequence[TaskStats], rank: int | Mapping[str, int], *, variant: str = "cov",
-    weighting: str = "equal", scale: str = "orthonormal",
+    weighting: str = "equal", tasks: Sequence[str] | None = None,
 ) -> dict[str, Subspace]:
-    """Every task's subspace from the OTHER tasks' statistics (leave-one-out, one running total).
+    """Each task's subspace from the OTHER tasks' statistics in the pool `stats` (one running total).
 
-    `rank` is one int or a per-module mapping (PEFT rank_pattern resolved by the caller); with a mapping
-    only its modules are computed. `scale="kaiming"` rescales the rows to the expected norm of PEFT's
-    default lora_A init.
+    `tasks` are the tasks to compute a subspace for (default: every task of the pool, leave-one-out); one
+    outside the pool uses every pool task. `rank` is one int or a per-module mapping (PEFT rank_pattern
+    resolved by the caller); with a mapping only its modules are computed. The rows are orthonormal: an init
+    scales them (`inits.scales`).
     """
-    pool = list(stats)
-    _check_options(variant, weighting, scale)
-    names = [s.task for s in pool]
-    if len(pool) < 2:
-        raise SubspaceError(f"OSRM leave-one-out needs statistics of at least 2 tasks, got {names}")
-    if len(set(names)) != len(names):
-        raise SubspaceError(f"task names must be unique, got {names}")
-    ranks = _resolve_ranks(pool[0], rank, ", ".join(map(repr, names)))
-    _check_pool(pool, ranks)
-    parts = _compute(pool, ranks, variant, weighting, scale, leave_one_out=True)
-    total_tokens = sum(s.tokens for s in pool)
-    subspaces = {}
-    for s, p in zip(pool, parts):
-        subspaces[s.task], notes = _finish(s.task, p, pool[0], [n for n in names if n != s.task],
-                                           total_tokens - s.tokens, ranks, variant, weighting, scale)
-        for note in notes:
-            warnings.warn(note, stacklevel=2)
+    subspaces, notes = _pool_subspaces(stats, rank, variant, weighting, tasks)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     return subspaces
 
 
 def subspace_from_others(
     task: str, others: Sequence[TaskStats], rank: int | Mapping[str, int], *, variant: str = "cov",
-    weighting: str = "equal", scale: str = "orthonormal",
+    weighting: str = "equal",
 ) -> Subspace:
     """One task's subspace from the given other tasks' statistics (e.g. when adding a task later)."""
-    pool = list(others)
-    _check_options(variant, weighting, scale)
-    names = [s.task for s in pool]
-    if not pool:
+    names = [s.task for s in others]
+    if not names:
         raise SubspaceError(f"task {task!r}: need statistics of at least one other task")
     if task in names:
         raise SubspaceError(f"task {task!r}: its own statistics are among the 'others' {names}")
-    ranks = _resolve_ranks(pool[0], rank, repr(task))
-    _check_pool(pool, ranks)
-    [parts] = _compute(pool, ranks, variant, weighting, scale, leave_one_out=False)
-    subspace, notes = _finish(task, parts, pool[0], names, sum(s.tokens for s in pool), ranks, variant,
-                              weighting, scale)
+    subspaces, notes = _pool_subspaces(others, rank, variant, weighting, [task])
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    return subspace
+    return subspaces[task]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The official code's subspaces (the `osrm-official` init)
+
+
+def official_null_space(means: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official code's rows: the last r rows of Vᵀ of a full SVD of the stacked means (k×d), as they come.
+
+    Float32, as in that code; no flip and no sign convention. Returns ``(rows r×d, singular values)``. With
+    k ≪ d, rows past the k-th singular value span the null space in whatever basis LAPACK completes it with
+    (Householder vectors): see docs/inits.md.
+    """
+    _, singular, vh = torch.linalg.svd(means.float(), full_matrices=True)
+    return vh[-r:], singular
+
+
+def official_subspaces(
+    stats: Sequence[TaskStats], rank: int | Mapping[str, int], *, tasks: Sequence[str] | None = None
+) -> dict[str, Subspace]:
+    """Each task's `osrm-official` subspace from the other pool tasks' mean inputs (`stats` collected as
+    `inits.official_tensors.official_stats` does: padded, padding counted).
+
+    `tasks` as in `compute_subspaces`. `energy` is the share of the other tasks' (equal-weight) second moment
+    the rows capture.
+    """
+    pool = list(stats)
+    names = [s.task for s in pool]
+    targets, excluded = pool_jobs(names, tasks)
+    for s in pool:
+        if s.extra.get("mask_padding") != "false":
+            raise StatsError(f"statistics of task {s.task!r} count real tokens only; osrm-official takes the means "
+                             f"over padded examples, padding included (inits.official_tensors.official_stats)")
+    ranks = _resolve_ranks(pool[0], rank, ", ".join(map(repr, names)))
+    _check_pool(pool, ranks)
+    subspaces = {}
+    for task, e in zip(targets, excluded):
+        others = [s for j, s in enumerate(pool) if j != e]
+        parts = _Parts()
+        for group in shared_input_groups(others, list(ranks)):
+            means = torch.stack([s.mean(group[0]) for s in others])
+            sigma = sum(s.moment(group[0]) for s in others) / len(others)
+            null_dim = means.shape[1] - int(torch.linalg.matrix_rank(means))
+            for m in group:
+                rows, singular = official_null_space(means, ranks[m])
+                parts.A[m] = rows.contiguous()
+                parts.energy[m] = float(captured_energy(rows.double(), sigma))
+                parts.spectrum[m] = {
+                    "decomposed": "stacked mean inputs of the other tasks (padding included)",
+                    "singular": singular.tolist(), "null_dim": null_dim, "filled": max(0, ranks[m] - null_dim),
+                }
+        subspaces[task] = Subspace(task=task, variant=OFFICIAL, A=parts.A, energy=parts.energy,
+                                   spectrum=parts.spectrum, model=pool[0].model, config_hash=pool[0].config_hash,
+                                   model_digest=pool[0].model_digest,
+                                   others=[s.task for s in others])
+    return subspaces

@@ -1,7 +1,8 @@
 """Fine-tune one LoRA adapter on one task with `transformers.Trainer`, and save it atomically.
 
-The adapter starts from a registered init (`osrm_lora.inits`): PEFT's default (``gaussian``, the baseline),
-OSRM's subspace of the other tasks' inputs (``osrm``, ``osrm-mean``), or PEFT's PiSSA/OLoRA. Training is plain `Trainer`, so it runs unchanged on several GPUs::
+The adapter starts from a registered init (`osrm_lora.inits`, with its typed options): PEFT's (``kaiming``, the
+default, and ``gaussian``), OSRM's subspace of the other tasks' inputs (``osrm``, ``osrm-mean``,
+``osrm-official``), the data-free controls (``random-orthonormal``, ``task-orthogonal``), or PEFT's PiSSA/OLoRA. Training is plain `Trainer`, so it runs unchanged on several GPUs::
 
     torchrun --nproc_per_node 4 -m osrm_lora.cli train ...
     accelerate launch -m osrm_lora.cli train ...
@@ -23,14 +24,16 @@ saved through PEFT's conversion as a standard LoRA of rank 2r, ``ΔW = BA − B�
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,25 +51,28 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from . import __version__
-from .adapters import lora_scale
+from .adapters import METADATA_NAME, lora_scale
 from .checkpoints import KEEP, resumable_checkpoint
 from .errors import TrainingError
-from .inits import InitSpec, get_init, list_inits
-from .io import atomic_dir, check_output, load_tensors, save_tensors, write_json
-from .modules import default_target_modules, find_target_modules, in_out_features
+from .identity import ModelIdentity, check_same_model
+from .inits import InitContext, InitOptions, InitSpec, get_init, list_inits
+from .inits.hooks import TrainingHook
+from .io import OutputError, atomic_dir, check_output, load_tensors, save_tensors, write_json
+from .modules import base_name, default_target_modules, find_target_modules, in_out_features
+from .moments import TaskMoments, task_moments
 from .runtime.models import load_model_and_tokenizer
 from .settings import LoraSettings, TrainingSettings
-from .stats import TaskStats, model_config_hash
-from .subspace import Subspace, SubspaceMismatchError, subspace_from_others
+from .stats import StatsMismatchError, TaskStats, model_identity
+from .subspace import OFFICIAL, Subspace, SubspaceMismatchError, official_subspaces, subspace_from_others
 from .tasks import Task, TaskSpec, compute_metrics, tokenize
 
 logger = logging.getLogger(__name__)
 
-METADATA_NAME = "osrm_lora.json"
 METADATA_FORMAT = "osrm-lora/adapter/1"
 RUN_NAME = "run.json"
 INITIAL_FACTORS = "initial_factors.safetensors"
 OUTPUT_KIND = "adapter"  # the io marker kind of a trained adapter folder (as `LoraAdapter.save` writes)
+INITIAL_A_NAME = "initial_lora_A.safetensors"  # every adapter's lora_A as its init set it, by module (diagnostics)
 _EVAL_BOOKKEEPING = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
 
 
@@ -134,28 +140,38 @@ def freeze_factor(peft_model, factor: Literal["none", "A", "B"]) -> list[str]:
     return frozen
 
 
-def _check_init(init: str, subspace: Subspace | None, other_stats: Sequence[TaskStats] | None) -> InitSpec:
-    """The registered init, with the subspace arguments it takes (those with subspace variants need one)."""
+def _check_init(init: str, subspace: Subspace | None, other_stats: Sequence[TaskStats] | None,
+                options: Mapping[str, Any], own_stats: TaskStats | None = None) -> tuple[InitSpec, InitOptions]:
+    """The registered init and its parsed options, with the subspace arguments it takes (those with subspace
+    variants need one; the training modes need the other tasks' statistics, and may use a subspace too)."""
     spec = get_init(init)
+    parsed = spec.parse(options)
+    if spec.needs_moments and not other_stats:
+        raise TrainingError(f"init={init!r} needs the other tasks' statistics (other_stats) for their second moments")
+    if own_stats is not None and not spec.needs_moments:
+        takers = " and ".join(i["name"] for i in list_inits() if i["needs_moments"])
+        raise TrainingError(f"init={init!r} uses no statistics of the task itself; own_stats is for {takers}")
     if spec.variants:
         if subspace is None and not other_stats:
             raise TrainingError(f"init={init!r} needs the task's subspace or the other tasks' statistics (other_stats)")
-        if subspace is not None and other_stats:
+        if subspace is not None and other_stats and not spec.needs_moments:
             raise TrainingError(f"init={init!r}: pass either subspace or other_stats, not both")
-    elif subspace is not None or other_stats:
+    elif subspace is not None or (other_stats and not spec.needs_moments):
         takers = " and ".join(i["name"] for i in list_inits() if i["variants"])
         raise TrainingError(f"init={init!r} uses no subspace; subspace and other_stats are for {takers}")
-    return spec
+    return spec, parsed
 
 
 def _init_subspace(
     spec: InitSpec, task_name: str, subspace: Subspace | None, other_stats: Sequence[TaskStats] | None,
-    rank: int, model: torch.nn.Module, model_name: str,
+    rank: int, model: ModelIdentity, weighting: str = "equal",
 ) -> Subspace:
     """The subspace this task's A starts from (computed from `other_stats` in the init's first variant),
     checked against the task, the init's variants and the model."""
-    if subspace is None:
-        subspace = subspace_from_others(task_name, other_stats, rank, variant=spec.variants[0])
+    if subspace is None and spec.variants[0] == OFFICIAL:
+        subspace = official_subspaces(other_stats, rank, tasks=[task_name])[task_name]
+    elif subspace is None:
+        subspace = subspace_from_others(task_name, other_stats, rank, variant=spec.variants[0], weighting=weighting)
     if subspace.variant not in spec.variants:
         raise SubspaceMismatchError(
             f"init={spec.name!r} needs a subspace of variant {' or '.join(spec.variants)}, but the subspace "
@@ -163,13 +179,18 @@ def _init_subspace(
         )
     if subspace.task != task_name:
         raise SubspaceMismatchError(f"the subspace was computed for task {subspace.task!r}, not for task {task_name!r}")
-    config_hash = model_config_hash(model)
-    if subspace.config_hash != config_hash:
-        raise SubspaceMismatchError(
-            f"the subspace of task {task_name!r} was computed on model {subspace.model!r} (config hash "
-            f"{subspace.config_hash}), not on {model_name!r} (config hash {config_hash})"
-        )
+    check_same_model(subspace.identity(), model, SubspaceMismatchError)
     return subspace
+
+
+def _init_moments(task_name: str, other_stats: Sequence[TaskStats], own_stats: TaskStats | None, weighting: str,
+                  model: ModelIdentity) -> TaskMoments:
+    """The task's second moments for a training mode, from statistics of the model being trained."""
+    if own_stats is not None and own_stats.task != task_name:
+        raise TrainingError(f"own_stats are task {own_stats.task!r}'s statistics, not task {task_name!r}'s")
+    for stats in [*other_stats, *([own_stats] if own_stats is not None else [])]:
+        check_same_model(stats.identity(), model, StatsMismatchError)
+    return task_moments(task_name, other_stats, own_stats, weighting)
 
 
 def _lora_config(model, lora: LoraSettings, init: InitSpec):
@@ -271,6 +292,16 @@ def partial_dir(output_dir: Path) -> Path:
     return output_dir.with_name(output_dir.name + ".partial")
 
 
+def _check_partial(partial: Path) -> None:
+    """A new run empties `partial`: refuse unless it is absent, empty, or a run's partial folder (its run.json)."""
+    if not os.path.lexists(partial) or (partial / RUN_NAME).is_file():
+        return
+    if partial.is_dir() and not partial.is_symlink() and not any(partial.iterdir()):
+        return
+    raise OutputError(f"{partial}: exists and is no interrupted osrm-lora training run (it has no {RUN_NAME}); "
+                      f"training keeps its checkpoints there, so move it away first")
+
+
 def _prepare_partial(partial: Path, run: dict, resume: bool) -> None:
     """Keep the partial folder of an identical interrupted run when resuming; otherwise start it afresh.
 
@@ -293,6 +324,13 @@ def _prepare_partial(partial: Path, run: dict, resume: bool) -> None:
 def lora_state(peft_model) -> dict[str, torch.Tensor]:
     """Copies of the adapter's lora_A/lora_B tensors, keyed as in PEFT's saved state dict."""
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items() if ".lora_" in k}
+
+
+def initial_lora_A(peft_model) -> dict[str, torch.Tensor]:
+    """Copies of the adapter's lora_A by base-model module name: what training starts from (drawn again
+    identically on resume, from the same seed)."""
+    suffix = ".lora_A.weight"
+    return {base_name(k).removesuffix(suffix): v for k, v in lora_state(peft_model).items() if k.endswith(suffix)}
 
 
 def subtract_initial(state: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -331,22 +369,34 @@ def finetune(
     model_name: str,
     output_dir: str | Path,
     *,
-    init: str = "gaussian",
+    init: str = "kaiming",
+    init_options: Mapping[str, Any] | None = None,
     subspace: Subspace | None = None,
     other_stats: Sequence[TaskStats] | None = None,
+    own_stats: TaskStats | None = None,
+    weighting: str = "equal",
+    tasks: Sequence[str] = (),
     lora: LoraSettings | Mapping[str, Any] | None = None,
     training: TrainingSettings | Mapping[str, Any] | None = None,
     seed: int = 0,
     resume: bool = False,
     trust_remote_code: bool = False,
     callbacks: Sequence[TrainerCallback] = (),
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> TrainResult:
     """Train one LoRA adapter (and the task head) on `task` and write it to `output_dir` atomically.
 
-    `init` is a registered init (`osrm_lora.inits`). Those starting from a subspace (osrm, osrm-mean) take the
-    task's `subspace` (from `subspace.subspace_from_others` or `compute_subspaces`), or compute it here from
-    `other_stats`, the statistics of the tasks this adapter must not disturb. An existing `output_dir` is
-    replaced only once the new adapter is complete. With `resume`, training continues from the last
+    `init` is a registered init (`osrm_lora.inits`) and `init_options` its options (e.g. ``{"scale":
+    "kaiming"}``). Those starting from a subspace (osrm, osrm-mean, osrm-official) take the task's `subspace`
+    (from `subspace.compute_subspaces`, or `official_subspaces` for osrm-official), or compute it here from
+    `other_stats`, the statistics of the tasks this adapter must not disturb (for osrm-official, collected by
+    `inits.official_tensors.official_stats`). `tasks` are the tasks the adapter will be merged with, in merge
+    order (task-orthogonal gives each its own rows). The training modes (osrm-reg, osrm-contrast, osrm-project:
+    docs/modes.md) read the other tasks' second moment from `other_stats` (mixed with `weighting`, as the
+    subspaces are) and osrm-contrast the task's own from `own_stats`. An existing `output_dir` is
+    replaced only once the new adapter is complete, and only when it is a trained adapter, or with `overwrite`;
+    never when it is one of `inputs`, the paths the run reads (`io.check_output`). With `resume`, training continues from the last
     checkpoint of an interrupted run with the same settings, if there is one.
 
     Longer than most functions: one sequence whose order fixes the random draws (head, then adapter) and the
@@ -355,19 +405,22 @@ def finetune(
     start = time.perf_counter()
     lora = LoraSettings.model_validate(lora or {})
     training = TrainingSettings.model_validate(training or {})
-    init_spec = _check_init(init, subspace, other_stats)
+    init_spec, options = _check_init(init, subspace, other_stats, init_options or {}, own_stats)
     spec = task.spec
     output_dir = Path(output_dir)
-    check_output(output_dir, OUTPUT_KIND, folder=True)  # refused now rather than after training
+    inputs = list(inputs)
+    check_output(output_dir, OUTPUT_KIND, folder=True, overwrite=overwrite, inputs=inputs)  # now, not after training
     partial = partial_dir(output_dir)
+    _check_partial(partial)
     has_dev = task.has_split("dev")
     args, precision = _training_arguments(training, partial, spec, seed, has_dev)
 
     set_seed(seed)  # the head's and the adapter's random inits
     model, tokenizer = load_model_and_tokenizer(model_name, spec, trust_remote_code=trust_remote_code)
-    config_hash = model_config_hash(model)
+    identity = model_identity(model, "the model being trained", model_name)
     if init_spec.variants:
-        subspace = _init_subspace(init_spec, spec.name, subspace, other_stats, lora.r, model, model_name)
+        subspace = _init_subspace(init_spec, spec.name, subspace, other_stats, lora.r, identity, weighting)
+    moments = _init_moments(spec.name, other_stats, own_stats, weighting, identity) if init_spec.needs_moments else None
     if init_spec.mutates_base:
         logger.warning("init=%r trains on a base with the initial adapter subtracted; the adapter is saved "
                        "converted to a rank-%d LoRA on the unmodified base, so it stays mergeable", init, 2 * lora.r)
@@ -375,11 +428,16 @@ def finetune(
         train_set, dev_set = _tokenized_splits(task, tokenizer, training, seed, has_dev)
     head_bias = start_regression_head_at_mean(model, train_set["labels"]) if spec.is_regression else None
     peft_model = get_peft_model(model, _lora_config(model, lora, init_spec))
-    init_spec.apply(peft_model, subspace, init_spec.parse({}))
+    hook = init_spec.apply(peft_model, subspace, options, InitContext(spec.name, seed, tuple(tasks), moments))
+    initial_A = initial_lora_A(peft_model)
+    if hook is not None:
+        hook.prepare(peft_model)
     frozen = freeze_factor(peft_model, lora.freeze)
 
     run = {
-        "task": spec.name, "base_model": model_name, "config_hash": config_hash, "init": init, "seed": seed,
+        "task": spec.name, "base_model": model_name, "config_hash": identity.config_hash,
+        "model_digest": identity.digest, "init": init,
+        "init_options": options.model_dump(mode="json"), "merged_tasks": list(tasks), "seed": seed,
         "subspace_fingerprint": subspace_fingerprint(subspace) if subspace is not None else None,
         "lora": lora.model_dump(), "training": training.model_dump(exclude={"progress"}),
     }
@@ -391,11 +449,13 @@ def finetune(
                if init_spec.mutates_base else None)
 
     timer = StepTimer()
-    trainer = _trainer(peft_model, args, train_set, dev_set, tokenizer, spec, [timer, *callbacks])
+    trainer = _trainer(peft_model, args, train_set, dev_set, tokenizer, spec, [timer, *callbacks], hook)
     if not training.progress:  # without progress bars, Trainer prints every log line instead
         trainer.remove_callback(PrinterCallback)
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = _dev_metrics(trainer) if dev_set is not None else {}
+    if hook is not None:
+        hook.export(peft_model)
     peft_model.eval()
     step_time = statistics.median(timer.times) if timer.times else math.nan
 
@@ -416,11 +476,13 @@ def finetune(
         "steps": int(trainer.state.global_step),
         "train_step_time_s": step_time if timer.times else None,
         "resumed_from": Path(checkpoint).name if checkpoint else None,
+        "mode": hook.metadata() if hook is not None else None,
         "versions": _versions(),
     }
     if trainer.is_world_process_zero():
-        with atomic_dir(output_dir, OUTPUT_KIND) as tmp:
+        with atomic_dir(output_dir, OUTPUT_KIND, overwrite=overwrite, inputs=inputs) as tmp:
             _save_adapter(peft_model, tmp, initial)
+            save_tensors(tmp / INITIAL_A_NAME, initial_A, metadata={"format": "pt"})
             tokenizer.save_pretrained(str(tmp))
             metadata["wall_time_s"] = time.perf_counter() - start
             write_json(tmp / METADATA_NAME, metadata)
@@ -455,16 +517,44 @@ def _initial_factors(peft_model, partial: Path, checkpoint: str | None, main: bo
     return initial
 
 
+class ModeTrainer(Trainer):
+    """A Trainer whose training loss adds a training mode's term (`TrainingHook.loss`; evaluation losses stay
+    the task's) and whose logs show `task_loss` and the mode's values beside the loss."""
+
+    def __init__(self, *args, hook: TrainingHook, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hook = hook
+        self._task_losses: list[torch.Tensor] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        self._task_losses.append(loss.detach().mean())
+        extra = self.hook.loss(model)
+        if extra is not None:
+            loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._task_losses:  # every process logs the loss together: reduce is safe
+            task_loss = self.accelerator.reduce(torch.stack(self._task_losses).mean(), "mean")
+            logs.update(task_loss=float(task_loss), **self.hook.logs())
+            self._task_losses = []
+        super().log(logs, start_time)
+
+
 def _trainer(peft_model, args: TrainingArguments, train_set, dev_set, tokenizer, spec: TaskSpec,
-             callbacks: list[TrainerCallback]) -> Trainer:
-    """The Trainer, told that the model's loss is a per-batch mean.
+             callbacks: list[TrainerCallback], hook: TrainingHook | None = None) -> Trainer:
+    """The Trainer (a `ModeTrainer` for a training mode's `hook`), told that the model's loss is a per-batch mean.
 
     Sequence-classification heads accept `**kwargs` but ignore `num_items_in_batch`. Taking such a loss for a
     sum over the batch's items, transformers ≥ 4.46 would skip the division by `grad_accum` and, with
     `average_tokens_across_devices` (on by default in 5), multiply by the number of processes: the logged
     losses and the gradients before clipping would be grad_accum × N too large.
     """
-    trainer = Trainer(
+    trainer = (Trainer if hook is None else functools.partial(ModeTrainer, hook=hook))(
         model=peft_model,
         args=args,
         train_dataset=train_set,
@@ -489,8 +579,8 @@ def _subspace_record(subspace: Subspace | None) -> dict | None:
         return None
     return {
         "task": subspace.task, "variant": subspace.variant, "weighting": subspace.weighting,
-        "scale": subspace.scale, "others": list(subspace.others), "fingerprint": subspace_fingerprint(subspace),
-        "model": subspace.model, "config_hash": subspace.config_hash,
+        "others": list(subspace.others), "fingerprint": subspace_fingerprint(subspace),
+        "model": subspace.model, "config_hash": subspace.config_hash, "model_digest": subspace.model_digest,
     }
 
 

@@ -8,21 +8,36 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from .. import identity
 from ..inits import get_init, list_inits
-from .common import fail, interrupted, load_task, out, print_json, print_listing, quiet_libraries, to_stderr
+from .common import (
+    fail,
+    input_paths,
+    interrupted,
+    key_values,
+    load_task,
+    out,
+    print_json,
+    print_listing,
+    quiet_libraries,
+    to_stderr,
+)
 from .options import (
     MODEL,
     TASK,
+    AllowMismatchOpt,
     FilesOpt,
     GlueDirOpt,
     JsonOpt,
     MaxLengthOpt,
     ModelOpt,
+    OverwriteOpt,
     PushOpt,
     QuietOpt,
     TaskOpt,
     TaskOptionOpt,
     TrustRemoteCodeOpt,
+    float_option,
 )
 
 app = typer.Typer()
@@ -52,6 +67,7 @@ def stats(
     files: FilesOpt = None,
     task_option: TaskOptionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Collect a task's input statistics (Σxxᵀ, Σx per target module) on the base model.
@@ -63,7 +79,8 @@ def stats(
     from ..io import check_output
     from ..stats import FORMAT
 
-    check_output(out_file, FORMAT, folder=False)  # refused before the model runs, not after
+    inputs = input_paths(model, glue_dir, files=files)
+    check_output(out_file, FORMAT, folder=False, overwrite=overwrite, inputs=inputs)  # before the model runs
     quiet_libraries()
     init_from_env()
     the_task = load_task(task, glue_dir, files, task_option)
@@ -80,6 +97,8 @@ def stats(
             out_path=out_file,
             trust_remote_code=trust_remote_code,
             progress=not quiet,
+            overwrite=overwrite,
+            inputs=inputs,
         )
     if is_main():
         out.print(f"{out_file}: task {the_task.name}, {len(result.modules)} modules, {result.tokens} tokens")
@@ -99,12 +118,11 @@ def init_subspaces(
         int, typer.Option("--rank", "-r", min=1, help="directions per module (≥ the LoRA rank)")
     ] = 8,
     variant: Annotated[
-        str, typer.Option("--variant", help="cov (paper), centered, or mean (official code)")
+        str, typer.Option("--variant", help="cov (paper), centered, or mean (null space of the others' means)")
     ] = "cov",
     weighting: Annotated[str, typer.Option("--weighting", help="equal, tokens or trace")] = "equal",
-    scale: Annotated[
-        str, typer.Option("--scale", help="orthonormal rows, or kaiming (PEFT's init norm)")
-    ] = "orthonormal",
+    overwrite: OverwriteOpt = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Compute OSRM subspaces: each task's lora_A init from the OTHER tasks' statistics (leave-one-out).
@@ -112,22 +130,30 @@ def init_subspaces(
     Train with them via `osrm-lora train --init osrm --subspace subspaces/<task>.safetensors`, or in your own
     trainer with `osrm_lora.osrm_init(peft_model, Subspace.load(path))`.
     """
+    from ..forecast import summarise
     from ..hub import hub_file
+    from ..io import check_output
     from ..stats import TaskStats
-    from ..subspace import compute_subspaces
+    from ..subspace import FORMAT, compute_subspaces
 
-    pool = [TaskStats.load(hub_file(p)) for p in stats_files]
-    subspaces = compute_subspaces(pool, rank, variant=variant, weighting=weighting, scale=scale)
+    local = [hub_file(p) for p in stats_files]
+    pool = [TaskStats.load(p) for p in local]
+    paths = {s.task: out_dir / f"{s.task}.safetensors" for s in pool}
+    for path in paths.values():  # refused before computing, not after
+        check_output(path, FORMAT, folder=False, overwrite=overwrite, inputs=local)
+    with identity.allow_model_mismatch(allow_model_mismatch):
+        subspaces = compute_subspaces(pool, rank, variant=variant, weighting=weighting)
     summary = {}
     for name, subspace in subspaces.items():
-        path = out_dir / f"{name}.safetensors"
-        subspace.save(path)
+        path = paths[name]
+        subspace.save(path, overwrite=overwrite, inputs=local)
         energies = list(subspace.energy.values())
         summary[name] = {
             "path": str(path),
             "others": subspace.others,
             # a share of a PSD moment: ≥ 0, and a tiny negative mean is float noise
             "mean_captured_energy": max(0.0, sum(energies) / max(len(energies), 1)),
+            "forecast": summarise(subspace.spectrum),
         }
     if as_json:
         print_json(summary)
@@ -136,6 +162,22 @@ def init_subspaces(
     for name, info in summary.items():
         table.add_row(name, info["path"], ", ".join(info["others"]), f"{info['mean_captured_energy']:.3g}")
     out.print(table)
+    _print_forecast({name: info["forecast"] for name, info in summary.items() if info["forecast"]})
+
+
+def _print_forecast(forecasts: dict[str, dict]) -> None:
+    """The forecast table (docs/modes.md) and a plain sentence for every task the OSRM subspace starves."""
+    from ..forecast import verdict
+
+    table = Table("task", "OSRM: own", "OSRM: others", "contrast: own", "contrast: others", "null dim of Σ₋ᵢ",
+                  title="Forecast: energy the rows capture, × the isotropic share r/d (mean over modules)")
+    for name, f in forecasts.items():
+        table.add_row(name, *(f"{f[mode][who]:.3g}" for mode in ("osrm", "contrast") for who in ("own", "others")),
+                      str(f["others_null_dim"]))
+    out.print(table)
+    for name, f in forecasts.items():
+        if f["starves"]:
+            out.print(verdict(name, f))
 
 
 def _inits_table(inits: list[dict]) -> Table:
@@ -203,12 +245,30 @@ def train(
     out_dir: Annotated[
         Path | None, typer.Option("--out", "-o", help="adapter folder to write (PEFT format, with the head)")
     ] = None,
-    init: Annotated[str, typer.Option("--init", help=INIT_HELP)] = "gaussian",
+    init: Annotated[str, typer.Option("--init", help=INIT_HELP)] = "kaiming",
+    init_option: Annotated[
+        list[str] | None,
+        typer.Option("--init-option", help="the init's option key=value, e.g. scale=kaiming (see --list-inits)"),
+    ] = None,
+    merged_tasks: Annotated[
+        str | None,
+        typer.Option("--merged-tasks", help="comma-separated tasks the adapter will be merged with, in merge "
+                     "order (task-orthogonal gives each its own rows)"),
+    ] = None,
     subspace: Annotated[
         Path | None,
         typer.Option("--subspace", help="the task's subspace (for osrm inits): a file or a Hub file "
                      "user/repo/path[@revision]"),
     ] = None,
+    stats_files: Annotated[
+        list[Path] | None,
+        typer.Option("--stats", help="statistics files of the pool, for the training modes (osrm-reg, "
+                     "osrm-contrast, osrm-project): the other tasks' and the task's own (found by its name); "
+                     "Hub files too"),
+    ] = None,
+    weighting: Annotated[
+        str, typer.Option("--weighting", help="how --stats mix into the others' moment: equal, tokens or trace")
+    ] = "equal",
     settings: Annotated[
         Path | None,
         typer.Option(
@@ -216,11 +276,11 @@ def train(
         ),
     ] = None,
     r: Annotated[int | None, typer.Option("--r", min=1, help="LoRA rank")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="learning rate")] = None,
+    lr: Annotated[float | None, float_option("--lr", help="learning rate")] = None,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="optimizer steps (overrides epochs)")
     ] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs")] = None,
+    epochs: Annotated[float | None, float_option("--epochs")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[
@@ -234,7 +294,9 @@ def train(
         bool, typer.Option("--list-inits", help="list the inits: what each needs and changes, its options")
     ] = False,
     push_to_hub: PushOpt = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune one LoRA adapter (and its task head) on one task.
@@ -246,7 +308,10 @@ def train(
         return
     if model is None or task is None or out_dir is None:
         fail("give --model, --task and --out (or --list-inits to see the inits)")
-    get_init(init)  # an unknown name fails here, before any loading
+    init_options = key_values(init_option or [], "--init-option")
+    get_init(init).parse(init_options)  # an unknown name or option fails here, before any loading
+    if weighting not in ("equal", "tokens", "trace"):
+        fail(f"--weighting {weighting!r}: choose equal, tokens or trace")
     if push_to_hub is not None:
         from ..hub import check_repo_id
 
@@ -261,25 +326,45 @@ def train(
 
     quiet_libraries()
     the_task = load_task(task, glue_dir, files, task_option)
+    subspace_file = hub_file(subspace) if subspace else None
+    pool, pool_files = _pool_stats(stats_files or [], the_task.name, get_init(init).needs_moments)
     try:
-        with to_stderr():
+        with to_stderr(), identity.allow_model_mismatch(allow_model_mismatch):
             result = finetune(
                 the_task,
                 model,
                 out_dir,
                 init=init,
-                subspace=Subspace.load(hub_file(subspace)) if subspace else None,
+                init_options=init_options,
+                tasks=merged_tasks.split(",") if merged_tasks else (),
+                subspace=Subspace.load(subspace_file) if subspace_file else None,
+                **pool,
+                weighting=weighting,
                 lora=lora,
                 training=training,
                 seed=seed,
                 resume=resume,
                 trust_remote_code=trust_remote_code,
+                overwrite=overwrite,
+                inputs=input_paths(model, glue_dir, subspace_file, settings, *pool_files, files=files),
             )
     except KeyboardInterrupt:
         interrupted(f"checkpoints are kept in {partial_dir(out_dir)}; run the same command with --resume to "
                     f"continue from the last one")
     if is_main():  # every process returns the result; one prints it (and pushes)
         _print_trained(result, as_json, _push_trained(result, push_to_hub) if push_to_hub else None)
+
+
+def _pool_stats(paths: list[Path], task: str, needs_own: bool) -> tuple[dict, list[Path]]:
+    """finetune's `other_stats` and `own_stats` from --stats (the task's own file is the one of its name, used by
+    the training modes only), and the files read."""
+    from ..hub import hub_file
+    from ..stats import TaskStats
+
+    files = [hub_file(p) for p in paths]
+    pool = [TaskStats.load(f) for f in files]
+    own = next((s for s in pool if s.task == task), None)
+    return {"other_stats": [s for s in pool if s.task != task] or None, "own_stats": own if needs_own else None}, files
 
 
 def _push_trained(result, repo_id: str) -> str:

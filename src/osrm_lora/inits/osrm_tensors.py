@@ -1,23 +1,28 @@
 """Putting OSRM subspaces into LoRA adapters: before training (`osrm_init`) or after it (`project_adapter`).
 
-The tensor side of the `osrm` and `osrm-mean` inits (`inits.osrm` registers them without importing this).
+The tensor side of the OSRM inits (`inits.osrm` and `inits.official` register them without importing this),
+and `set_rows`, which every init that writes its own lora_A rows uses.
 
-Before training, each LoRA layer's ``lora_A`` gets the subspace's first r rows and ``lora_B`` stays zero,
-so the model computes exactly what the base model computes until training moves B. After training, an
-adapter can be projected onto the subspace instead: ``ΔW' = ΔW Pᵀ(P Pᵀ)⁻¹P`` for the subspace rows P,
-kept in low rank as ``A' = P`` and ``B' = B (A Pᵀ)(P Pᵀ)⁻¹`` with the adapter's own scale.
+Before training, each LoRA layer's ``lora_A`` gets the subspace's first r rows (times the `scale` option's
+factor) and ``lora_B`` stays zero, so the model computes exactly what the base model computes until
+training moves B. After training, an adapter can be projected onto the subspace instead:
+``ΔW' = ΔW Pᵀ(P Pᵀ)⁻¹P`` for the subspace rows P, kept in low rank as ``A' = P`` and ``B' = B (A Pᵀ)(P Pᵀ)⁻¹`` with the adapter's own scale.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from peft.tuners.lora import LoraLayer
 
 from ..adapters import LoraAdapter, LoraFactors
 from ..errors import AdapterError
+from ..identity import check_same_model
 from ..modules import base_name
-from ..stats import StatsMismatchError, model_config_hash
+from ..stats import StatsMismatchError, model_identity
 from ..subspace import Subspace, SubspaceMismatchError
+from .scales import row_scale
 
 
 def _lora_layers(peft_model: torch.nn.Module, adapter_name: str) -> dict[str, LoraLayer]:
@@ -29,7 +34,7 @@ def _lora_layers(peft_model: torch.nn.Module, adapter_name: str) -> dict[str, Lo
         if adapter_name in getattr(module, "lora_embedding_A", {}):
             raise SubspaceMismatchError(
                 f"module {base_name(name)}: adapter {adapter_name!r} is an embedding LoRA layer; "
-                f"OSRM initialises only linear layers"
+                f"these inits set only linear layers"
             )
         if adapter_name in module.lora_A:
             layers[base_name(name)] = module
@@ -38,20 +43,16 @@ def _lora_layers(peft_model: torch.nn.Module, adapter_name: str) -> dict[str, Lo
     return layers
 
 
-def osrm_init(peft_model: torch.nn.Module, subspace: Subspace, adapter_name: str = "default",
-              freeze_A: bool = False) -> dict:
-    """Set every LoRA layer's lora_A to its subspace rows (B = 0, base weights untouched).
+def set_rows(
+    peft_model: torch.nn.Module, rows_for: Callable[[str, int, int], torch.Tensor], adapter_name: str = "default",
+    freeze_A: bool = False,
+) -> tuple[dict[str, int], list[str]]:
+    """Set every linear LoRA layer's lora_A to ``rows_for(module, r, d_in)`` and its B to 0.
 
     The rank r is read from each layer, so rank_pattern, alpha and rsLoRA need no special handling (with
-    B = 0 the scale does not matter). Returns a summary of what was set.
+    B = 0 the scale does not matter), and with B = 0 the model computes what the base model computes.
+    Returns each module's rank and the modules whose B was not already zero.
     """
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    model_hash = model_config_hash(base)
-    if subspace.config_hash != model_hash:
-        raise StatsMismatchError(
-            f"subspace of task {subspace.task!r} was computed on model {subspace.model!r} (config_hash "
-            f"{subspace.config_hash}), but the model being initialised has config_hash {model_hash}"
-        )
     layers = _lora_layers(peft_model, adapter_name)
     ranks: dict[str, int] = {}
     zeroed_B: list[str] = []
@@ -60,16 +61,11 @@ def osrm_init(peft_model: torch.nn.Module, subspace: Subspace, adapter_name: str
         weight_B = layer.lora_B[adapter_name].weight
         if weight_A.dim() != 2:
             raise SubspaceMismatchError(
-                f"module {module}: lora_A has shape {tuple(weight_A.shape)}, not r×in (OSRM initialises only "
+                f"module {module}: lora_A has shape {tuple(weight_A.shape)}, not r×in (these inits set only "
                 f"linear layers)"
             )
         r, d_in = weight_A.shape
-        if subspace.dim(module) != d_in:
-            raise SubspaceMismatchError(
-                f"subspace of task {subspace.task!r}, module {module}: input dim {subspace.dim(module)} "
-                f"!= the layer's {d_in}"
-            )
-        rows = subspace.rows(module, r)
+        rows = rows_for(module, int(r), int(d_in))
         with torch.no_grad():
             weight_A.copy_(rows.to(device=weight_A.device, dtype=weight_A.dtype))
             if bool(weight_B.ne(0).any()):
@@ -78,11 +74,34 @@ def osrm_init(peft_model: torch.nn.Module, subspace: Subspace, adapter_name: str
         if freeze_A:
             weight_A.requires_grad_(False)
         ranks[module] = int(r)
+    return ranks, zeroed_B
+
+
+def osrm_init(peft_model: torch.nn.Module, subspace: Subspace, adapter_name: str = "default",
+              freeze_A: bool = False, scale: str = "orthonormal") -> dict:
+    """Set every LoRA layer's lora_A to its subspace rows (B = 0, base weights untouched).
+
+    `scale` multiplies the orthonormal rows to the expected ‖A‖_F of PEFT's kaiming or gaussian init
+    (`inits.scales`); the directions stay the subspace's. Returns a summary of what was set.
+    """
+    check_same_model(subspace.identity(), model_identity(peft_model, "the model being initialised"),
+                     StatsMismatchError)
+
+    def rows_for(module: str, r: int, d_in: int) -> torch.Tensor:
+        if subspace.dim(module) != d_in:
+            raise SubspaceMismatchError(
+                f"subspace of task {subspace.task!r}, module {module}: input dim {subspace.dim(module)} "
+                f"!= the layer's {d_in}"
+            )
+        return subspace.rows(module, r) * row_scale(scale, r, d_in)
+
+    ranks, zeroed_B = set_rows(peft_model, rows_for, adapter_name, freeze_A)
     return {
         "task": subspace.task,
         "variant": subspace.variant,
         "adapter": adapter_name,
         "ranks": ranks,
+        "scale": scale,
         "freeze_A": freeze_A,
         "zeroed_B": zeroed_B,
         "mean_energy": sum(subspace.energy.get(m, 0.0) for m in ranks) / len(ranks),

@@ -6,9 +6,12 @@ Tasks and the model load on first use only, so a run whose units are all cached 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..io import sha256_file
 from ..settings import ExperimentConfig, base_dir_of
@@ -19,6 +22,8 @@ from .layout import Layout
 # The statistics sample is drawn with this seed whatever the training seed, so the base model's statistics
 # and every fine-tuned model's Grams see the same examples.
 STATISTICS_SEED = 0
+# Likewise the evaluation rows: every init and seed is scored on the same examples, so seeds pair.
+EVALUATION_SEED = 0
 
 
 class Context:
@@ -41,13 +46,14 @@ class Context:
         self.files: dict[str, Path] = {}
         self._tasks: dict[str, Any] = {}
         self._task_inputs: dict[str, dict] = {}
+        self._rows: dict[str, dict[str, np.ndarray]] = {}
         self._evaluator = None
 
     def task(self, name: str):
         if name not in self._tasks:
             from ..tasks import get_task
 
-            entry = next(t for t in self.config.tasks if t.name == name)
+            entry = self.config.task_entry(name)
             self._tasks[name] = get_task(name, **entry.source_options(base_dir_of(self.config)))
         return self._tasks[name]
 
@@ -56,7 +62,7 @@ class Context:
         content hash of users' files, so editing a data file redoes what depends on it. GLUE and built-in
         tasks are identified by name (their sources are fixed)."""
         if name not in self._task_inputs:
-            entry = next(t for t in self.config.tasks if t.name == name)
+            entry = self.config.task_entry(name)
             identity = entry.model_dump(mode="json")
             files = entry.source_options(base_dir_of(self.config)).get("files")
             if files is not None:
@@ -68,9 +74,13 @@ class Context:
             self._task_inputs[name] = identity
         return self._task_inputs[name]
 
-    @property
+    @functools.cached_property
     def model_inputs(self) -> dict:
-        return self.config.model.model_dump(mode="json")
+        """What identifies the base model in fingerprints: its settings and its content digest
+        (`identity.model_digest`), so other weights under the same path redo what depends on them."""
+        from ..identity import model_digest
+
+        return {**self.config.model.model_dump(mode="json"), "digest": model_digest(self.config.model.name)}
 
     def evaluator(self):
         """The base model, loaded once, that every stage dresses with ΔW and a task head and then restores."""
@@ -102,20 +112,45 @@ class Context:
         finally:
             evaluator.restore()
 
-    def evaluate(self, task_name: str, deltas: dict, head: dict, source: str) -> dict[str, float]:
-        """The metrics of the base model + `deltas` with `head` on the task's evaluation split."""
-        from ..evaluate import evaluate_task
+    def evaluation_rows(self, task_name: str) -> dict[str, np.ndarray]:
+        """The task's disjoint `select` and `report` rows of the evaluation split, seeded by
+        EVALUATION_SEED and the task name, so every model of every seed is scored on the same rows."""
+        from ..errors import EvaluationError
+        from ..tasks.sampling import select_report_indices
+        from ..tasks.task import column
+
+        if task_name not in self._rows:
+            settings = self.config.evaluation
+            task = self.task(task_name)
+            data = task.full_split(settings.split)
+            if len(data) <= settings.select_examples:
+                raise EvaluationError(
+                    f"task {task_name!r}: its {settings.split} split has {len(data)} examples, and "
+                    f"evaluation.select_examples={settings.select_examples} leaves none to report on; lower it"
+                )
+            labels = None if task.spec.is_regression else column(data, "label")
+            select, report = select_report_indices(
+                labels, len(data), EVALUATION_SEED, settings.select_examples, settings.max_examples, task_name
+            )
+            self._rows[task_name] = {"select": select, "report": report}
+        return self._rows[task_name]
+
+    def evaluate(self, task_name: str, deltas: dict, head: dict, source: str, parts: Sequence[str]) -> dict:
+        """The base model + `deltas` with `head` scored on the named parts of the task's evaluation rows
+        (one pass): part -> `evaluate.PartScores`."""
+        from ..evaluate import evaluate_rows
 
         settings = self.config.evaluation
+        rows = self.evaluation_rows(task_name)
         evaluator = self.evaluator()
         model = evaluator.apply(deltas, head, source=source)
         try:
-            return evaluate_task(
+            return evaluate_rows(
                 model,
                 evaluator.tokenizer,
                 self.task(task_name),
+                {part: rows[part] for part in parts},
                 split=settings.split,
-                max_examples=settings.max_examples,
                 batch_size=settings.batch_size,
                 max_length=settings.max_length,
                 progress=self.progress,
@@ -123,9 +158,41 @@ class Context:
         finally:
             evaluator.restore()
 
-    def score_record(self, task_name: str, metrics: dict[str, float]) -> dict:
-        primary = self.task(task_name).spec.primary_metric
-        return {"task": task_name, "metrics": metrics, "primary_metric": primary, "score": metrics[primary]}
+    def score_record(self, task_name: str, parts: dict) -> dict:
+        """A task's scores for the eval JSONs: `report` metrics and score, its rows' predictions and labels
+        (compact, for the bootstraps over examples) and, when evaluated, the `select` metrics and score."""
+        from ..scores import encode_labels
+
+        spec = self.task(task_name).spec
+        primary = spec.primary_metric
+        report = parts["report"]
+        record = {
+            "task": task_name,
+            "metrics": report.metrics,
+            "primary_metric": primary,
+            "score": report.metrics[primary],
+            "examples": {
+                "n": len(report.labels),
+                "num_labels": None if spec.is_regression else spec.num_labels,
+                "labels": encode_labels(report.labels, spec.is_regression),
+                "predictions": encode_labels(report.predictions, spec.is_regression),
+            },
+        }
+        if "select" in parts:
+            record["select"] = {"metrics": parts["select"].metrics, "score": parts["select"].metrics[primary]}
+        return record
+
+    def official_statistics(self, task_name: str, model, tokenizer, path: Path, samples: int | None) -> None:
+        """The official OSRM code's padded means of the task (`inits.official_tensors`), written to `path`: the
+        `statistics` section's split, max_length and seeded sample of `samples` examples (default the reference)."""
+        from ..inits.official_tensors import official_stats
+
+        settings = self.config.statistics
+        official_stats(
+            self.task(task_name), model, tokenizer, self.config.lora.target_modules,
+            samples=samples or settings.reference, seed=STATISTICS_SEED, max_length=settings.max_length,
+            split=settings.split, model_id=self.config.model.name, out_path=path, progress=self.progress,
+        )
 
     def collect_statistics(
         self,
@@ -135,9 +202,10 @@ class Context:
         target_modules: str | Sequence[str] | None,
         path: Path,
         extra: dict[str, str] | None = None,
+        samples: int | None = None,
     ) -> None:
-        """`model`'s statistics over the `statistics` section's seeded sample of the task, written to `path`
-        (sharded over the ranks under torchrun)."""
+        """`model`'s statistics over the `statistics` section's seeded sample of the task (`samples` examples,
+        default the reference size), written to `path` (sharded over the ranks under torchrun)."""
         from ..distributed import collect_task_stats
 
         settings = self.config.statistics
@@ -146,7 +214,7 @@ class Context:
             model,
             tokenizer,
             split=settings.split,
-            samples=settings.samples_per_task,
+            samples=samples or settings.reference,
             seed=STATISTICS_SEED,
             batch_size=settings.batch_size,
             max_length=settings.max_length,

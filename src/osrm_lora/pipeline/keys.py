@@ -20,26 +20,35 @@ def _lambda_name(lam: float | None) -> str:
     return "none" if lam is None else f"lambda{lam:g}"
 
 
+def _samples_name(samples: int | None) -> list[str]:
+    """The sample-size part of a unit name: none for the reference sample (a single-size study's only one)."""
+    return [] if samples is None else [f"samples{samples}"]
+
+
 @dataclass(frozen=True)
-class TaskKey:
-    """A per-task unit (the base model's statistics of that task)."""
+class StatsKey:
+    """The base model's statistics of one task: of one statistics sample size (None: the reference, the
+    largest), as moments over real tokens or, `padded`, as the official OSRM code's padded means."""
 
     task: str
+    samples: int | None = None
+    padded: bool = False
 
     @property
     def name(self) -> str:
-        return self.task
+        return "/".join([*(["padded"] if self.padded else []), *_samples_name(self.samples), self.task])
 
 
 @dataclass(frozen=True)
-class VariantKey:
-    """The subspaces of every task for one OSRM variant."""
+class SubspaceKey:
+    """The subspaces of every merged task for one variant and statistics sample size (None: the reference)."""
 
     variant: str
+    samples: int | None = None
 
     @property
     def name(self) -> str:
-        return self.variant
+        return "/".join([self.variant, *_samples_name(self.samples)])
 
 
 @dataclass(frozen=True)

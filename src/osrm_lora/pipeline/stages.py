@@ -8,14 +8,14 @@ to produce. A new stage is one class here plus its line in `STAGES`; a new per-a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..io import write_json
-from .cache import Unit
+from .cache import Cache, Unit
 from .context import Context
-from .keys import AdapterKey, MergeKey, ReportKey, RunKey, TaskKey, UnitKey, VariantKey
+from .keys import AdapterKey, MergeKey, ReportKey, RunKey, StatsKey, SubspaceKey, UnitKey
 from .results import collect_results
 
 Digests = Mapping[UnitKey, str]
@@ -27,9 +27,38 @@ def _by_name(digests: Digests) -> dict[str, str]:
 
 
 def _subspace_variant(ctx: Context, init: str) -> str | None:
+    """The subspace variant a registered init starts from (None: it uses none)."""
     from ..inits import get_init
 
     return get_init(init).subspace_variant(ctx.config.subspace.variant)
+
+
+def _samples_tag(ctx: Context, samples: int) -> int | None:
+    """How a sample size appears in unit keys and paths: None for the reference size (a single-size study's
+    only one, so its names and caches are those of a study without a sample-size axis)."""
+    return None if samples == ctx.config.statistics.reference else samples
+
+
+def _subspace_sizes(ctx: Context) -> dict[str, list[int]]:
+    """Per subspace variant in use, the statistics sample sizes its inits are trained at."""
+    sizes: dict[str, set[int]] = {}
+    for run in ctx.config.init_runs:
+        variant = _subspace_variant(ctx, run.name)
+        if variant is not None:
+            sizes.setdefault(variant, set()).add(run.samples)
+    return {variant: sorted(n) for variant, n in sorted(sizes.items())}
+
+
+def _moment_keys(ctx: Context, samples: int) -> list[StatsKey]:
+    """The statistics a training mode (`needs_moments`) reads at one sample size: the pool's (Σ₋ᵢ) and each
+    merged task's own."""
+    return [StatsKey(t, _samples_tag(ctx, samples)) for t in dict.fromkeys(ctx.config.pool + ctx.config.task_names)]
+
+
+def _needs_moments(init: str) -> bool:
+    from ..inits import get_init
+
+    return get_init(init).needs_moments
 
 
 class Stage:
@@ -63,105 +92,167 @@ class Stage:
             digests.update(ctx.cache.run(self.name, batch, lambda pending: self.produce_batch(ctx, pending)))
         return digests
 
+    def finished(self, ctx: Context, upstream: Mapping[str, Digests], cache: Cache) -> dict[UnitKey, str]:
+        """The digests of this stage's units already finished for their current inputs; nothing is produced,
+        and a unit that reads an unfinished upstream unit is unfinished too."""
+        found: dict[UnitKey, str] = {}
+        for batch in self.batches(ctx, {name: _Unfinished(d) for name, d in upstream.items()}):
+            for unit in batch:
+                digest = cache.lookup(self.name, unit)
+                if digest is not None:
+                    found[unit.key] = digest
+        return found
+
+
+class _Unfinished(dict):
+    """Upstream digests where an unfinished unit reads as a digest no finished manifest holds."""
+
+    def __missing__(self, key: UnitKey) -> str:
+        return "unfinished"
+
 
 class StatsStage(Stage):
-    """Per task, Σxxᵀ/Σx of every target module's input over `samples_per_task` examples of the base model."""
+    """Per task, Σxxᵀ/Σx of every target module's input over a seeded sample of the base model: the reference
+    sample of the merged tasks (interference, diagnostics, base Grams), and the samples of every size the
+    subspaces read for the pool tasks (moments, or the official code's padded means for `osrm-official`)."""
 
     name = "stats"
 
     @staticmethod
-    def wanted(ctx: Context) -> bool:
-        from ..inits import get_init
+    def reference_wanted(ctx: Context) -> bool:
+        c = ctx.config
+        return c.interference or c.diagnostics or any(m.grams == "base" for m in c.merge)
+
+    @staticmethod
+    def keys(ctx: Context) -> list[StatsKey]:
+        from ..subspace import OFFICIAL
 
         c = ctx.config
-        return (
-            c.interference
-            or any(get_init(init).needs_stats for init in c.inits)
-            or any(m.grams == "base" for m in c.merge)
-        )
+        keys = [StatsKey(t) for t in c.task_names] if StatsStage.reference_wanted(ctx) else []
+        for variant, sizes in _subspace_sizes(ctx).items():
+            keys += [StatsKey(t, _samples_tag(ctx, n), variant == OFFICIAL) for n in sizes for t in c.pool]
+        for run in c.init_runs:
+            if _needs_moments(run.name):
+                keys += _moment_keys(ctx, run.samples)
+        return list(dict.fromkeys(keys))
 
     def units(self, ctx, upstream):
-        if not self.wanted(ctx):
-            return
-        for task in ctx.config.task_names:
+        c = ctx.config
+        for key in self.keys(ctx):
+            settings = c.statistics.sample_inputs(key.samples)
+            if key.padded:  # one example at a time, padded to max_length: batch_size plays no part
+                settings = {**settings, "batch_size": None, "padding": "max_length"}
             inputs = {
                 "model": ctx.model_inputs,
-                "task": ctx.task_inputs(task),
-                "statistics": ctx.config.statistics.model_dump(),
-                "target_modules": ctx.config.lora.target_modules,
+                "task": ctx.task_inputs(key.task),
+                "statistics": settings,
+                "target_modules": c.lora.target_modules,
             }
-            yield Unit(TaskKey(task), inputs, [ctx.layout.stats(task)])
+            yield Unit(key, inputs, [ctx.layout.stats(key.task, key.samples, key.padded)])
 
     def produce(self, ctx, unit):
-        task = unit.key.task
-        ctx.log(f"statistics of task {task}")
+        key: StatsKey = unit.key
+        what = "padded means" if key.padded else "statistics"
+        ctx.log(f"{what} of task {key.task}" + (f" ({key.samples} examples)" if key.samples else ""))
         evaluator = ctx.evaluator()
         evaluator.restore()
-        ctx.collect_statistics(
-            task, evaluator.model, evaluator.tokenizer, ctx.config.lora.target_modules, unit.outputs[0]
-        )
+        if key.padded:
+            ctx.official_statistics(key.task, evaluator.model, evaluator.tokenizer, unit.outputs[0], key.samples)
+            return
+        ctx.collect_statistics(key.task, evaluator.model, evaluator.tokenizer, ctx.config.lora.target_modules,
+                               unit.outputs[0], samples=key.samples)
 
 
 class SubspacesStage(Stage):
-    """Per OSRM variant in use, each task's leave-one-out subspace of rank r."""
+    """Per variant in use and statistics sample size, each merged task's subspace of rank r from the other
+    tasks of the statistics pool."""
 
     name = "subspaces"
     needs = ("stats",)
 
     @staticmethod
     def options(ctx: Context, variant: str) -> dict:
-        return {**ctx.config.subspace.model_dump(), "variant": variant}
+        from ..subspace import OFFICIAL
+
+        return {"variant": variant} if variant == OFFICIAL else {**ctx.config.subspace.model_dump(),
+                                                                  "variant": variant}
 
     def units(self, ctx, upstream):
-        variants = {_subspace_variant(ctx, init) for init in ctx.config.inits} - {None}
-        for variant in sorted(variants):
-            inputs = {
-                "stats": _by_name(upstream["stats"]),
-                "rank": ctx.config.lora.r,
-                "options": self.options(ctx, variant),
-            }
-            outputs = [ctx.layout.subspace(variant, t) for t in ctx.config.task_names]
-            yield Unit(VariantKey(variant), inputs, outputs)
+        from ..subspace import OFFICIAL
+
+        c = ctx.config
+        for variant, sizes in _subspace_sizes(ctx).items():
+            for n in sizes:
+                tag = _samples_tag(ctx, n)
+                stats = [StatsKey(t, tag, variant == OFFICIAL) for t in c.pool]
+                inputs = {
+                    "stats": {k.name: upstream["stats"][k] for k in stats},
+                    "rank": c.lora.r,
+                    "options": self.options(ctx, variant),
+                }
+                if c.pool != c.task_names:
+                    inputs["tasks"] = c.task_names
+                outputs = [ctx.layout.subspace(variant, t, tag) for t in c.task_names]
+                yield Unit(SubspaceKey(variant, tag), inputs, outputs)
 
     def produce(self, ctx, unit):
         from ..stats import TaskStats
-        from ..subspace import compute_subspaces
+        from ..subspace import OFFICIAL, compute_subspaces, official_subspaces
 
-        variant = unit.key.variant
-        ctx.log(f"OSRM subspaces ({variant})")
-        stats = [TaskStats.load(ctx.layout.stats(t)) for t in ctx.config.task_names]
-        subspaces = compute_subspaces(stats, ctx.config.lora.r, **self.options(ctx, variant))
+        key: SubspaceKey = unit.key
+        c = ctx.config
+        ctx.log(f"OSRM subspaces ({key.variant}" + (f", {key.samples} examples)" if key.samples else ")"))
+        padded = key.variant == OFFICIAL
+        stats = [TaskStats.load(ctx.layout.stats(t, key.samples, padded)) for t in c.pool]
+        if padded:
+            subspaces = official_subspaces(stats, c.lora.r, tasks=c.task_names)
+        else:
+            subspaces = compute_subspaces(stats, c.lora.r, tasks=c.task_names, **self.options(ctx, key.variant))
         for task, subspace in subspaces.items():
-            subspace.save(ctx.layout.subspace(variant, task))
+            subspace.save(ctx.layout.subspace(key.variant, task, key.samples))
 
 
 class TrainStage(Stage):
-    """Every seed × init × task adapter."""
+    """Every seed × init run (entry × sample size) × task adapter."""
 
     name = "train"
-    needs = ("subspaces",)
+    needs = ("subspaces", "stats")
+
+    @staticmethod
+    def subspace_key(ctx: Context, label: str) -> SubspaceKey | None:
+        run = ctx.config.init_run(label)
+        variant = _subspace_variant(ctx, run.name)
+        return SubspaceKey(variant, _samples_tag(ctx, run.samples)) if variant else None
 
     def units(self, ctx, upstream):
         from ..adapters import WEIGHTS_NAME
+        from ..inits import get_init
 
         c = ctx.config
         training = c.training.model_dump(exclude={"progress"})
         for seed in c.seeds:
-            for init in c.inits:
-                variant = _subspace_variant(ctx, init)
+            for run in c.init_runs:
+                subspace = self.subspace_key(ctx, run.label)
                 for task in c.task_names:
                     inputs = {
                         "model": ctx.model_inputs,
                         "task": ctx.task_inputs(task),
-                        "init": init,
+                        "init": run.name,
                         "seed": seed,
                         "lora": c.lora.model_dump(mode="json"),
                         "training": training,
-                        "subspace": upstream["subspaces"].get(VariantKey(variant)) if variant else None,
+                        "subspace": upstream["subspaces"][subspace] if subspace else None,
                     }
+                    if run.options:
+                        inputs["init_options"] = run.options
+                    if get_init(run.name).needs_tasks:  # its rows depend on the merged tasks
+                        inputs["merged_tasks"] = c.task_names
+                    if get_init(run.name).needs_moments:  # a training mode reads the moments themselves
+                        stats = {k.name: upstream["stats"][k] for k in _moment_keys(ctx, run.samples)}
+                        inputs["moments"] = {"stats": stats, "weighting": c.subspace.weighting}
                     if ctx.task(task).spec.is_regression:  # the regression head starts at the mean label
                         inputs["regression_head"] = "label_mean"
-                    key = AdapterKey(init, seed, task)
+                    key = AdapterKey(run.label, seed, task)
                     yield Unit(key, inputs, [ctx.layout.adapter(key) / WEIGHTS_NAME])
 
     def produce(self, ctx, unit):
@@ -171,26 +262,44 @@ class TrainStage(Stage):
         from ..train import finetune
 
         key: AdapterKey = unit.key
+        run = ctx.config.init_run(key.init)
         ctx.log(f"training {key.task} ({key.init} init, seed {key.seed})")
         fingerprint = ctx.cache.key(self.name, unit.inputs)
         started = ctx.layout.manifest(self.name, key.name).with_suffix(".started")
         resume = started.is_file() and started.read_text() == fingerprint
         write_text(started, fingerprint)
-        variant = _subspace_variant(ctx, key.init)
-        subspace = Subspace.load(ctx.layout.subspace(variant, key.task)) if variant else None
+        subspace_key = self.subspace_key(ctx, key.init)
+        subspace = (Subspace.load(ctx.layout.subspace(subspace_key.variant, key.task, subspace_key.samples))
+                    if subspace_key else None)
         finetune(
             ctx.task(key.task),
             ctx.config.model.name,
             ctx.layout.adapter(key),
-            init=key.init,
+            init=run.name,
+            init_options=run.options,
             subspace=subspace,
+            tasks=ctx.config.task_names,
             lora=ctx.config.lora,
             training=ctx.config.training.model_copy(update={"progress": ctx.progress}),
             seed=key.seed,
             resume=resume,
             trust_remote_code=ctx.config.model.trust_remote_code,
+            overwrite=True,  # our own layout in a claimed experiment folder (adapters of older versions: unmarked)
+            **self.moments(ctx, key.task, run),
         )
         started.unlink()
+
+    @staticmethod
+    def moments(ctx: Context, task: str, run) -> dict:
+        """finetune's statistics arguments for a training mode: the pool's other tasks and the task's own."""
+        from ..stats import TaskStats
+
+        if not _needs_moments(run.name):
+            return {}
+        keys = _moment_keys(ctx, run.samples)
+        stats = {k.task: TaskStats.load(ctx.layout.stats(k.task, k.samples)) for k in keys}
+        return {"other_stats": [stats[t] for t in ctx.config.pool if t != task], "own_stats": stats[task],
+                "weighting": ctx.config.subspace.weighting}
 
 
 class AdapterStage(Stage):
@@ -215,16 +324,21 @@ class AdapterStage(Stage):
                 "adapter": adapter_digest,
                 "task": ctx.task_inputs(key.task),
                 "model": ctx.model_inputs,
-                self.section: getattr(ctx.config, self.section).model_dump(),
+                self.section: self.settings(ctx),
             }
             yield Unit(key, inputs, [self.output(ctx, key)])
 
+    def settings(self, ctx: Context) -> dict:
+        """The settings of what the stage computes, as its fingerprint holds them."""
+        return getattr(ctx.config, self.section).model_dump()
+
 
 class EvalStage(AdapterStage):
-    """Each adapter on its own task: the reference of the normalised scores."""
+    """Each adapter on its own task's `report` rows: the reference of the normalised scores."""
 
     name = "eval"
     section = "evaluation"
+    version = 2  # scored on the report rows, with per-example predictions
 
     def output(self, ctx, key):
         return ctx.layout.individual(key)
@@ -235,8 +349,8 @@ class EvalStage(AdapterStage):
         key: AdapterKey = unit.key
         ctx.log(f"evaluating the {key.task} adapter ({key.init} init, seed {key.seed})")
         adapter = ctx.adapter(key)
-        metrics = ctx.evaluate(key.task, adapter.deltas(), task_head(adapter), f"adapter {key.name}")
-        record = ctx.score_record(key.task, metrics)
+        parts = ctx.evaluate(key.task, adapter.deltas(), task_head(adapter), f"adapter {key.name}", ["report"])
+        record = ctx.score_record(key.task, parts)
         write_json(unit.outputs[0], {"init": key.init, "seed": key.seed, **record})
 
 
@@ -286,6 +400,9 @@ class GramsStage(AdapterStage):
     def wanted(self, ctx):
         return any(m.grams == "finetuned" for m in ctx.config.merge)
 
+    def settings(self, ctx):
+        return ctx.config.statistics.sample_inputs()  # the reference sample
+
     def output(self, ctx, key):
         return ctx.layout.grams(key)
 
@@ -303,11 +420,12 @@ class MergeStage(Stage):
     """Every merge entry × seed × init × λ, evaluated on every task with that task's head.
 
     A batch is one entry's λ grid for one init × seed: merged once (λ is a post-factor), then each pending
-    λ is evaluated and recorded.
+    λ is evaluated on every task's `select` and `report` rows in one pass and recorded.
     """
 
     name = "merge"
     needs = ("train", "stats", "grams", "fisher")
+    version = 2  # scored on select and report rows, with per-example predictions
 
     @staticmethod
     def shared_inputs(ctx: Context, merge, run: RunKey, upstream) -> dict:
@@ -331,7 +449,7 @@ class MergeStage(Stage):
         c = ctx.config
         for merge in c.merge:
             for seed in c.seeds:
-                for init in c.inits:
+                for init in c.init_labels:
                     run = RunKey(init, seed)
                     inputs = self.shared_inputs(ctx, merge, run, upstream)
                     keys = [MergeKey(merge.label, init, seed, lam) for lam in merge.grid]
@@ -376,13 +494,27 @@ class MergeStage(Stage):
             records = []
             for t in tasks:
                 deltas = {m.name: m.for_task(t) for m in modules}
-                metrics = ctx.evaluate(t, deltas, heads[t], f"merge {unit.key.name}, task {t}")
-                records.append(ctx.score_record(t, metrics))
+                parts = ctx.evaluate(t, deltas, heads[t], f"merge {unit.key.name}, task {t}", ["select", "report"])
+                records.append(ctx.score_record(t, parts))
             write_json(
                 unit.outputs[0],
                 {"init": run.init, "seed": run.seed, "method": merge.label, "lambda": lam, "tasks": records},
             )
             yield unit
+
+
+def _run_units(ctx: Context, upstream, output: Callable[[RunKey], Path], **extra) -> Iterator[Unit]:
+    """One unit per seed × init that reads the run's adapters and the base model's statistics."""
+    c = ctx.config
+    for seed in c.seeds:
+        for init in c.init_labels:
+            run = RunKey(init, seed)
+            inputs = {
+                "adapters": [upstream["train"][run.adapter(t)] for t in c.task_names],
+                "stats": _by_name(upstream["stats"]),
+                **extra,
+            }
+            yield Unit(run, inputs, [output(run)])
 
 
 class InterferenceStage(Stage):
@@ -392,17 +524,8 @@ class InterferenceStage(Stage):
     needs = ("train", "stats")
 
     def units(self, ctx, upstream):
-        c = ctx.config
-        if not c.interference:
-            return
-        for seed in c.seeds:
-            for init in c.inits:
-                run = RunKey(init, seed)
-                inputs = {
-                    "adapters": [upstream["train"][run.adapter(t)] for t in c.task_names],
-                    "stats": _by_name(upstream["stats"]),
-                }
-                yield Unit(run, inputs, [ctx.layout.interference(run)])
+        if ctx.config.interference:
+            yield from _run_units(ctx, upstream, ctx.layout.interference)
 
     def produce(self, ctx, unit):
         from ..interference import interference_matrix
@@ -426,27 +549,67 @@ class InterferenceStage(Stage):
         )
 
 
+class DiagnosticsStage(Stage):
+    """Per init and seed, each adapter's diagnostics (`diagnostics.diagnose`), exact from the cached
+    statistics, the base weights and the initial A saved with each adapter: no pass over data."""
+
+    name = "diagnostics"
+    needs = ("train", "stats")
+
+    def units(self, ctx, upstream):
+        if ctx.config.diagnostics:
+            extra = {"model": ctx.model_inputs, "weighting": ctx.config.subspace.weighting}
+            yield from _run_units(ctx, upstream, ctx.layout.diagnostics, **extra)
+
+    def produce(self, ctx, unit):
+        from ..diagnostics import diagnose
+        from ..io import load_tensors
+        from ..modules import weight_out_in
+        from ..runtime.weights import linear_layers
+        from ..stats import TaskStats
+        from ..train import INITIAL_A_NAME
+
+        run: RunKey = unit.key
+        tasks = ctx.config.task_names
+        ctx.log(f"diagnostics of the adapters ({run.init} init, seed {run.seed})")
+        adapters = {t: ctx.adapter(run.adapter(t)) for t in tasks}
+        files = {t: ctx.layout.adapter(run.adapter(t)) / INITIAL_A_NAME for t in tasks}
+        # Adapters trained before the initial A was saved get no retention or captured-at-init numbers.
+        initial = {t: load_tensors(f)[0] for t, f in files.items()} if all(f.is_file() for f in files.values()) else None
+        evaluator = ctx.evaluator()
+        evaluator.restore()
+        layers = linear_layers(evaluator.model, sorted(adapters[tasks[0]].modules))
+        result = diagnose(
+            adapters,
+            {t: TaskStats.load(ctx.layout.stats(t)) for t in tasks},
+            {m: weight_out_in(layer).detach() for m, layer in layers.items()},
+            initial,
+            weighting=ctx.config.subspace.weighting,
+        )
+        write_json(unit.outputs[0], {"init": run.init, "seed": run.seed, "initial_A": initial is not None,
+                                     **result.to_dict()})
+
+
 class ReportStage(Stage):
-    """results.json, report.md, the tables and the plots, redone when any score changed."""
+    """results.json, report.md, the tables and the plots of every finished unit of the study, redone when
+    any of them changed; the runner gives it the finished units (of all chunks) as its upstream."""
 
     name = "report"
-    needs = ("eval", "merge", "interference")
+    needs = ("eval", "merge", "interference", "diagnostics")
+    version = 2  # held-out λ, paired differences, diagnostics
 
     def units(self, ctx, upstream):
         snapshot = ctx.config.model_dump(mode="json")
-        inputs = {
-            # "init/seed/task", not the unit name: as the reports already cached were fingerprinted.
-            "individual": {f"{k.init}/{k.seed}/{k.task}": v for k, v in upstream["eval"].items()},
-            "merged": _by_name(upstream["merge"]),
-            "interference": _by_name(upstream["interference"]),
-            "config": {k: snapshot[k] for k in ("name", "tasks", "inits", "seeds", "merge", "model")},
+        inputs = {stage: _by_name(upstream[stage]) for stage in self.needs}
+        inputs["config"] = {
+            k: snapshot[k] for k in ("name", "tasks", "inits", "seeds", "merge", "model", "evaluation", "report")
         }
         yield Unit(ReportKey(), inputs, ctx.layout.report_files())
 
     def produce(self, ctx, unit):
         from ..report import write_report, write_results
 
-        results = collect_results(ctx.config, ctx.layout)
+        results = collect_results(ctx.config, ctx.layout, {stage: set(unit.inputs[stage]) for stage in self.needs})
         ctx.files.update(write_report(results, ctx.layout.root))
         write_results(results, ctx.layout.results)
 
@@ -461,5 +624,6 @@ STAGES: tuple[Stage, ...] = (
     GramsStage(),
     MergeStage(),
     InterferenceStage(),
+    DiagnosticsStage(),
     ReportStage(),
 )
