@@ -459,3 +459,16 @@ def test_train_lists_the_init_registry():
         assert init["name"] in table and init["name"] in help_text
     assert "needs statistics" in table and "mutates base" in table
     assert "--list-inits" in _error_line(invoke("train", "--task", "trec"))
+    osrm = next(i for i in json.loads(result.stdout) if i["name"] == "osrm")
+    assert [(o["name"], o["default"]) for o in osrm["options"]] == [("scale", "orthonormal")]
+
+
+def test_train_init_options_are_checked_before_anything_loads(tmp_path):
+    train = ("train", "--model", str(tmp_path / "no-model"), "--task", "trec", "--out", str(tmp_path / "out"))
+    bad = invoke(*train, "--init", "osrm", "--init-option", "scale=big")
+    assert bad.exit_code == 2 and "init 'osrm': scale:" in _error_line(bad) and "'gaussian'" in bad.plain
+    unknown = invoke(*train, "--init", "kaiming", "--init-option", "scale=kaiming")
+    assert unknown.exit_code == 2 and "init 'kaiming': unknown option 'scale'" in _error_line(unknown)
+    malformed = invoke(*train, "--init", "osrm", "--init-option", "scale")
+    assert malformed.exit_code == 2 and "must look like key=value" in _error_line(malformed)
+    assert not (tmp_path / "out").exists()
