@@ -191,7 +191,7 @@ def test_regmean_matches_the_closed_form(alpha):
 def test_regmean_with_identical_grams_is_the_average():
     adapters = random_adapters(3)
     same = _stats(adapters[:1], seed=9)[0]
-    merged = merged_dense(merge_adapters(adapters, "regmean", stats=[same] * 3))
+    merged = merged_dense(merge_adapters(adapters, "regmean", stats={a.name: same for a in adapters}))
     for name, got in merged.items():
         np.testing.assert_allclose(got, np.mean(dense_deltas(adapters, name), axis=0), atol=ATOL)
 

@@ -58,8 +58,9 @@ def trained(tmp_path_factory):
         ).path
     loaded = [LoraAdapter.load(paths[t]) for t in TASKS]
     g = torch.Generator().manual_seed(0)
-    inputs = {"stats": [stats_from_inputs(t, {m: torch.randn(64, HIDDEN, generator=g) for m in loaded[0].modules})
-                        for t in TASKS],
+    base_hash = loaded[0].identity().config_hash  # synthetic statistics, recorded on the adapters' base model
+    inputs = {"stats": [stats_from_inputs(t, {m: torch.randn(64, HIDDEN, generator=g) for m in loaded[0].modules},
+                                          config_hash=base_hash) for t in TASKS],
               "fisher": [{m: torch.rand(HIDDEN, HIDDEN, generator=g) + 0.1 for m in loaded[0].modules}
                          for _ in TASKS]}
     torch.manual_seed(5)  # the base's (untrained) classifier, the same in every copy

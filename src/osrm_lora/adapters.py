@@ -22,12 +22,14 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError
 
 from .errors import AdapterError
+from .identity import ModelIdentity, check_same_model, warn_without_digest
 from .io import OsrmFileError, atomic_dir, check_finite, save_tensors, write_json
 from .modules import PEFT_PREFIX
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # read by PEFT with torch.load(weights_only=True): tensors only
+METADATA_NAME = "osrm_lora.json"  # what `train.finetune` records beside the adapter it trained
 
 
 @dataclass
@@ -53,16 +55,35 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
 
 @dataclass
 class LoraAdapter:
-    """A LoRA adapter: its factors by base-model module name, plus the tensors saved beside them (heads)."""
+    """A LoRA adapter: its factors by base-model module name, plus the tensors saved beside them (heads).
+
+    `record` is what osrm-lora wrote when it trained the adapter (METADATA_NAME: task, base model and its
+    digest, settings), {} for other adapters; `source` is the folder or Hub id it was read from.
+    """
 
     modules: dict[str, LoraFactors]
     config: dict
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     name: str = ""
+    record: dict = field(default_factory=dict)
+    source: str = ""
 
     @property
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path")
+
+    @property
+    def task(self) -> str:
+        """The task it was trained on, as recorded; else its name (the folder name)."""
+        return str(self.record.get("task") or self.name)
+
+    def identity(self) -> ModelIdentity | None:
+        """The base model it was trained on, as recorded (None for adapters osrm-lora did not train)."""
+        if "config_hash" not in self.record:
+            return None
+        where = f"adapter {self.source or self.name}"
+        return ModelIdentity(str(self.record.get("base_model") or self.base_model), str(self.record["config_hash"]),
+                             str(self.record.get("model_digest") or ""), where)
 
     @classmethod
     def load(cls, source: str | Path, name: str | None = None) -> LoraAdapter:
@@ -74,8 +95,10 @@ class LoraAdapter:
         containers only. Missing or malformed files are OsrmFileErrors naming the file.
         """
         path = Path(source)
+        record: dict = {}
         if path.exists():
             config, tensors = _read_folder(path)
+            record = _read_record(path)
             default_name = path.name
         else:
             repo, revision = split_hub_id(str(source))
@@ -87,7 +110,9 @@ class LoraAdapter:
             config = _lora_config(config, str(source))
             default_name = repo.rsplit("/", 1)[-1]
         check_finite(tensors, str(source))
-        return cls.from_state_dict(tensors, config, name=name or default_name, source=str(source))
+        adapter = cls.from_state_dict(tensors, config, name=name or default_name, source=str(source))
+        adapter.record, adapter.source = record, str(source)
+        return adapter
 
     @classmethod
     def from_state_dict(
@@ -195,8 +220,25 @@ def _read_folder(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config_dict, tensors
 
 
+def _read_record(folder: Path) -> dict:
+    """The folder's METADATA_NAME as a dict ({} when absent); one from before model digests is warned about."""
+    path = folder / METADATA_NAME
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OsrmFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise OsrmFileError(f"{path}: not an osrm-lora adapter record (a {type(record).__name__})")
+    if "config_hash" in record and "model_digest" not in record:
+        warn_without_digest(path, "adapter record")
+    return record
+
+
 def check_compatible(adapters: list[LoraAdapter]) -> None:
-    """All adapters must target the same modules with the same shapes (ranks may differ)."""
+    """All adapters must target the same modules with the same shapes (ranks may differ) on one base model:
+    by the recorded identity (`identity.check_same_model`) where both have one, else by base model name."""
     ref = adapters[0]
     for other in adapters[1:]:
         missing = set(ref.modules) ^ set(other.modules)
@@ -204,7 +246,10 @@ def check_compatible(adapters: list[LoraAdapter]) -> None:
             raise AdapterError(
                 f"adapters {ref.name!r} and {other.name!r} target different modules: {sorted(missing)[:5]}"
             )
-        if ref.base_model and other.base_model and ref.base_model != other.base_model:
+        known = (ref.identity(), other.identity())
+        if known[0] is not None and known[1] is not None:
+            check_same_model(known[1], known[0], AdapterError)
+        elif ref.base_model and other.base_model and ref.base_model != other.base_model:
             raise AdapterError(
                 f"adapter {other.name!r} is on base model {other.base_model!r}, but {ref.name!r} is on "
                 f"{ref.base_model!r}"

@@ -8,8 +8,9 @@ diagonal, and the smaller off the diagonal, the less merging j into i's model ca
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from .adapters import LoraAdapter, LoraFactors, check_compatible
 from .errors import StatsError
 from .stats import TaskStats
 from .subspace import shared_input_groups
+
+Item = TypeVar("Item")
 
 
 @dataclass
@@ -45,6 +48,19 @@ def _ratio(energy: np.ndarray) -> np.ndarray:
         return np.where(own > 0, energy / np.where(own > 0, own, 1.0), np.nan)
 
 
+def by_task(items: Iterable[Item], what: str, error: type[Exception] = StatsError) -> dict[str, Item]:
+    """Adapters or statistics by the task each records (`.task`); two of one task are refused, naming both
+    (`.source`), since one would silently replace the other."""
+    found: dict[str, Item] = {}
+    for item in items:
+        task = item.task  # type: ignore[attr-defined]
+        if task in found:
+            first, second = (getattr(i, "source", "") or task for i in (found[task], item))
+            raise error(f"{what} {first} and {second} both record task {task!r}; give one per task")
+        found[task] = item
+    return found
+
+
 def interference_matrix(
     adapters: Mapping[str, LoraAdapter], stats: Mapping[str, TaskStats]
 ) -> InterferenceResult:
@@ -58,8 +74,7 @@ def interference_matrix(
     pool = [stats[t] for t in tasks]
     dims = {m: int(adapters[tasks[0]].modules[m].A.shape[1]) for m in modules}
     for t, s in zip(tasks, pool):
-        s.check_matches(model=pool[0].model, config_hash=pool[0].config_hash, modules=dims,
-                        source=f"statistics of task {t!r}")
+        s.check_matches(model=pool[0].identity(), modules=dims, source=f"statistics of task {t!r}")
     T = len(tasks)
     per_energy = {m: np.zeros((T, T)) for m in modules}
     for group in shared_input_groups(pool, modules):

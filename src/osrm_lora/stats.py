@@ -24,6 +24,7 @@ from rich.progress import track
 
 from . import __version__
 from .errors import StatsError
+from .identity import CONFIG_IGNORED, ModelIdentity, check_same_model, model_digest, warn_without_digest
 from .io import OsrmFileError, check_finite, fingerprint, load_tensors, save_tensors
 from .modules import find_target_modules, in_out_features
 
@@ -48,10 +49,18 @@ class TaskStats:
     dtype: torch.dtype = torch.float32
     version: str = __version__
     extra: dict[str, str] = field(default_factory=dict)
+    model_digest: str = ""  # the base model's content digest (`identity`); "" when unknown
+    source: str = field(default="", compare=False, repr=False)  # the file it was read from, for messages
 
     @property
     def modules(self) -> list[str]:
         return sorted(self.second)
+
+    def identity(self, source: str | None = None) -> ModelIdentity:
+        """The base model these statistics were collected on; `source` names them in mismatch errors."""
+        where = source or (f"statistics {self.source} (task {self.task!r})" if self.source
+                           else f"statistics of task {self.task!r}")
+        return ModelIdentity(self.model, self.config_hash, self.model_digest, where)
 
     def dim(self, module: str) -> int:
         return int(self.second[module].shape[0])
@@ -70,6 +79,7 @@ class TaskStats:
             "task": self.task,
             "model": self.model,
             "config_hash": self.config_hash,
+            "model_digest": self.model_digest,
             "modules": json.dumps({m: self.dim(m) for m in self.modules}),
             "tokens": str(self.tokens),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -80,21 +90,14 @@ class TaskStats:
     def check_matches(
         self,
         *,
-        model: str | None = None,
-        config_hash: str | None = None,
+        model: ModelIdentity | None = None,
         modules: dict[str, int] | None = None,
         source: str = "statistics",
     ) -> None:
-        """Refuse statistics collected on another model or other modules; the error names the field."""
-        if config_hash is not None and config_hash != self.config_hash:
-            raise StatsMismatchError(
-                f"{source} (task {self.task!r}): config_hash {self.config_hash} != expected {config_hash} "
-                f"(collected on model {self.model!r})"
-            )
-        if model is not None and model != self.model:
-            raise StatsMismatchError(
-                f"{source} (task {self.task!r}): model {self.model!r} != expected {model!r}"
-            )
+        """Refuse statistics collected on another base `model` (`identity.check_same_model`: by content
+        digest, else config hash) or on other modules; the error names the field."""
+        if model is not None:
+            check_same_model(self.identity(), model, StatsMismatchError)
         if modules is not None:
             mine = {m: self.dim(m) for m in self.modules}
             missing = sorted(set(modules) - set(mine))
@@ -110,9 +113,7 @@ class TaskStats:
 
     def combine(self, other: TaskStats) -> TaskStats:
         """Sum of two shards of the same task on the same model and modules."""
-        other.check_matches(
-            model=self.model, config_hash=self.config_hash, modules={m: self.dim(m) for m in self.modules}
-        )
+        other.check_matches(model=self.identity(), modules={m: self.dim(m) for m in self.modules})
         if other.task != self.task:
             raise StatsMismatchError(f"cannot combine statistics of task {other.task!r} into {self.task!r}")
         shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -123,7 +124,8 @@ class TaskStats:
                 shared[key] = (self.second[m] + other.second[m], self.first[m] + other.first[m])
             second[m], first[m] = shared[key]
         return TaskStats(
-            self.task, self.model, self.config_hash, second, first, self.tokens + other.tokens, self.dtype
+            self.task, self.model, self.config_hash, second, first, self.tokens + other.tokens, self.dtype,
+            model_digest=self.model_digest,
         )
 
     def save(self, path: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:
@@ -172,8 +174,12 @@ class TaskStats:
                 )
         check_sums(second, first, str(path))
         extra = {k.removeprefix("extra."): v for k, v in meta.items() if k.startswith("extra.")}
+        if "model_digest" not in meta:
+            warn_without_digest(path, "statistics")
         return cls(
             **identity,
+            model_digest=meta.get("model_digest", ""),
+            source=str(path),
             second=second,
             first=first,
             tokens=tokens,
@@ -227,29 +233,20 @@ def check_sums(second: dict[str, torch.Tensor], first: dict[str, torch.Tensor], 
 
 
 def model_config_hash(model) -> str:
-    """Hash of the base model's architecture config, so statistics refuse to load into another model."""
+    """Hash of the base model's architecture config: what files without a content digest are compared by."""
     config = getattr(model, "config", None)
     if config is None:
         return "none"
-    d = config.to_dict()
-    keep = {
-        k: v
-        for k, v in d.items()
-        if k
-        not in {
-            "_name_or_path",
-            "transformers_version",
-            "torch_dtype",
-            "dtype",
-            "architectures",
-            "id2label",
-            "label2id",
-            "problem_type",
-            "finetuning_task",
-            "_attn_implementation_autoset",
-        }
-    }
-    return fingerprint(keep)
+    return fingerprint({k: v for k, v in config.to_dict().items() if k not in CONFIG_IGNORED})
+
+
+def model_identity(model, source: str = "the model", name: str | None = None) -> ModelIdentity:
+    """A loaded model's identity: its config hash and the digest of the files it was loaded from
+    (`config._name_or_path`, or `name`); no digest for a model built in memory."""
+    base = _unwrap_peft(model)
+    loaded_from = str(getattr(getattr(base, "config", None), "_name_or_path", "") or "")
+    return ModelIdentity(name or loaded_from or type(base).__name__, model_config_hash(base),
+                         model_digest(loaded_from), source)
 
 
 def add_input_sums_(
@@ -547,10 +544,12 @@ def collect_stats(
     second = {m: sums.groups[g].second for m, g in sums.group_of.items()}
     first = {m: sums.groups[g].first for m, g in sums.group_of.items()}
     check_sums(second, first, f"statistics of task {task!r}")
+    identity = model_identity(base)
     return TaskStats(
         task=task,
         model=model_id,
-        config_hash=model_config_hash(base),
+        config_hash=identity.config_hash,
+        model_digest=identity.digest,
         second=second,
         first=first,
         tokens=sums.tokens,

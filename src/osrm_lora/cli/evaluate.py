@@ -8,13 +8,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import fail, load_task, out, print_json, quiet_libraries, to_stderr
+from .. import identity
+from .common import fail, input_paths, load_task, out, print_json, quiet_libraries, to_stderr
 from .options import (
+    AllowMismatchOpt,
     FilesOpt,
     GlueDirOpt,
     JsonOpt,
     MaxLengthOpt,
     ModelOpt,
+    OverwriteOpt,
     QuietOpt,
     TaskOpt,
     TaskOptionOpt,
@@ -22,6 +25,7 @@ from .options import (
 )
 
 app = typer.Typer()
+INTERFERENCE_FORMAT = "osrm-lora/interference/1"  # the `format` an `interference --out` file records
 
 
 @app.command(
@@ -46,9 +50,13 @@ def evaluate_cmd(
     task_option: TaskOptionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     quiet: QuietOpt = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score an adapter on a task's split with the task's metrics (batched, no gradients)."""
+    """Score an adapter on a task's split with the task's metrics (batched, no gradients).
+
+    An adapter (or --head) that osrm-lora trained records its base model; another --model is refused.
+    """
     from ..adapters import LoraAdapter
     from ..evaluate import EvaluationModel, evaluate_task
     from ..runtime.weights import task_head
@@ -56,10 +64,13 @@ def evaluate_cmd(
     quiet_libraries()
     the_task = load_task(task, glue_dir, files, task_option)
     lora = LoraAdapter.load(adapter)
-    head_tensors = task_head(LoraAdapter.load(head) if head else lora)
+    head_adapter = LoraAdapter.load(head) if head else lora
+    head_tensors = task_head(head_adapter)
     if not head_tensors:
         fail(f"{adapter}: carries no task head; pass --head with the task's own adapter folder")
     evaluator = EvaluationModel.load(model, the_task.spec, trust_remote_code=trust_remote_code)
+    with identity.allow_model_mismatch(allow_model_mismatch):
+        _check_base_model(model, evaluator.model, [lora, head_adapter])
     _check_head(head_tensors, evaluator.model, the_task, head or adapter)
     dressed = evaluator.apply(lora.deltas(), head_tensors, source=str(adapter))
     with to_stderr():
@@ -89,6 +100,17 @@ def evaluate_cmd(
     out.print(table)
 
 
+def _check_base_model(name: str, model, adapters: list) -> None:
+    """Each adapter that records its base model (trained by osrm-lora) must record this one."""
+    from ..stats import model_identity
+
+    given = model_identity(model, "--model", name)
+    for adapter in adapters:
+        recorded = adapter.identity()
+        if recorded is not None:
+            identity.check_same_model(recorded, given)
+
+
 def _check_head(head: dict, model, task, source: Path) -> None:
     """A head of another task's size would score without error and mean nothing: refused before evaluating."""
     from ..errors import EvaluationError
@@ -109,7 +131,8 @@ def _check_head(head: dict, model, task, source: Path) -> None:
 )
 def interference(
     adapters: Annotated[
-        list[Path], typer.Argument(help="PEFT adapter folders, named by task (folder names)")
+        list[Path], typer.Argument(help="PEFT adapter folders, one per task (the task each records, else the "
+                                   "folder name)")
     ],
     stats_files: Annotated[
         list[Path],
@@ -121,6 +144,8 @@ def interference(
     out_file: Annotated[
         Path | None, typer.Option("--out", "-o", help="also write the result as JSON here")
     ] = None,
+    overwrite: OverwriteOpt = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Interference matrix: how much adapter j disturbs task i's activations, relative to task i's own.
@@ -128,17 +153,23 @@ def interference(
     Computed exactly from the statistics' second moments; the smaller off the diagonal, the safer the merge.
     """
     from ..adapters import LoraAdapter
-    from ..interference import interference_matrix
-    from ..io import write_json
+    from ..errors import AdapterError
+    from ..interference import by_task, interference_matrix
+    from ..io import check_output, write_json
     from ..stats import TaskStats
 
-    loaded = {a.name: a for a in (LoraAdapter.load(p) for p in adapters)}
+    inputs = input_paths(adapters, stats_files)
+    if out_file is not None:  # refused before anything is read
+        check_output(out_file, INTERFERENCE_FORMAT, folder=False, overwrite=overwrite, inputs=inputs)
+    loaded = by_task((LoraAdapter.load(p) for p in adapters), "adapters", AdapterError)
     paths = [f for p in stats_files for f in (sorted(p.glob("*.safetensors")) if p.is_dir() else [p])]
-    pool = {s.task: s for s in (TaskStats.load(p) for p in paths)}
-    result = interference_matrix(loaded, pool)
+    pool = by_task((TaskStats.load(p) for p in paths), "statistics")
+    with identity.allow_model_mismatch(allow_model_mismatch):
+        result = interference_matrix(loaded, pool)
     data = {"tasks": result.tasks, "matrix": result.matrix.tolist()}
     if out_file is not None:
-        write_json(out_file, {**data, "per_module": {m: v.tolist() for m, v in result.per_module.items()}})
+        write_json(out_file, {**data, "per_module": {m: v.tolist() for m, v in result.per_module.items()}},
+                   kind=INTERFERENCE_FORMAT, overwrite=overwrite, inputs=inputs)
     if as_json:
         print_json(data)
         return

@@ -7,15 +7,15 @@ The merge is given by options (ADAPTERS, --method, --param, --lambda) or by a me
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from .common import err, fail, key_values, out, print_json, print_listing
-from .options import JsonOpt, PushOpt, QuietOpt
+from .. import identity
+from .common import err, fail, input_paths, key_values, out, print_json, print_listing
+from .options import AllowMismatchOpt, JsonOpt, OverwriteOpt, PushOpt, QuietOpt, float_option
 
 app = typer.Typer()
 
@@ -46,7 +46,7 @@ def merge(
     param: Annotated[
         list[str] | None, typer.Option("--param", "-p", help="hyper-parameter key=value (repeatable)")
     ] = None,
-    lam: Annotated[float | None, typer.Option("--lambda", help="global λ (the method's `scaling`)")] = None,
+    lam: Annotated[float | None, float_option("--lambda", help="global λ (the method's `scaling`)")] = None,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="a mergekit-style merge file (models:, merge_method:, base_model:, "
@@ -72,11 +72,12 @@ def merge(
     ] = None,
     stats_files: Annotated[
         list[Path] | None,
-        typer.Option("--stats", help="statistics per adapter, in order (RegMean): files or Hub files "
-                     "user/repo/path[@revision]"),
+        typer.Option("--stats", help="statistics of the adapters' tasks (RegMean), matched to the adapters by "
+                     "the task each records, in any order: files or Hub files user/repo/path[@revision]"),
     ] = None,
     fisher_files: Annotated[
-        list[Path] | None, typer.Option("--fisher", help="Fisher diagonals per adapter (Fisher merging)")
+        list[Path] | None,
+        typer.Option("--fisher", help="Fisher diagonals of the adapters' tasks (Fisher merging), matched by task"),
     ] = None,
     full_model: Annotated[
         Path | None,
@@ -90,10 +91,12 @@ def merge(
         str, typer.Option("--max-shard-size", help="largest weight file of a --full-model output")
     ] = "2GB",
     push_to_hub: PushOpt = None,
+    overwrite: OverwriteOpt = False,
     list_: Annotated[
         bool, typer.Option("--list", help="list the methods and their typed hyper-parameters")
     ] = False,
     quiet: QuietOpt = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Merge LoRA adapters with a registered method and save the result as a PEFT adapter.
@@ -115,12 +118,15 @@ def merge(
 
         check_repo_id(push_to_hub)
     recipe = _recipe(config, adapters, method, param, lam, stats_files, fisher_files)
-    merged = _merged(recipe, str(config) if config else "options")
+    rules = {"overwrite": overwrite, "inputs": input_paths(recipe.adapters, *recipe.inputs.values(), config)}
+    _check_out(out_dir, full_model, rules)
+    with identity.allow_model_mismatch(allow_model_mismatch):
+        merged = _merged(recipe, str(config) if config else "options")
     with _progress(merged, quiet, "full model" if full_model is not None else "merge"):
         if full_model is not None:
-            result = _write_full_model(merged, full_model, out_dir, max_shard_size, task, heads_from)
+            result = _write_full_model(merged, full_model, out_dir, max_shard_size, task, heads_from, rules)
         else:
-            result = _write_adapter(merged, out_dir, rank, task, heads_from)
+            result = _write_adapter(merged, out_dir, rank, task, heads_from, rules)
     summary = result.pop("summary")
     if push_to_hub is not None:
         result["url"] = _push(recipe, merged, result, push_to_hub)
@@ -162,21 +168,11 @@ def _merged(recipe, source: str):
     merged = merge_adapters(recipe.adapters, recipe.method, **inputs, **recipe.params)
     if recipe.base_model is not None:
         recorded = {
-            task: [n for n in (adapter.base_model, _record(source_path).get("base_model")) if n]
-            for (task, adapter), source_path in zip(merged.adapters.items(), recipe.adapters)
+            task: [n for n in (adapter.base_model, adapter.record.get("base_model")) if n]
+            for task, adapter in merged.adapters.items()
         }
         check_base_model(recipe, recorded, source)
     return merged
-
-
-def _record(adapter_source: str) -> dict:
-    """What osrm-lora recorded when it trained a local adapter (osrm_lora.json); {} otherwise."""
-    from ..train import METADATA_NAME
-
-    path = Path(adapter_source) / METADATA_NAME
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(path.read_text())
-    return {}
 
 
 @contextlib.contextmanager
@@ -196,11 +192,26 @@ def _progress(merged, quiet: bool, what: str):
             merged.on_module = None
 
 
-def _write_full_model(merged, full_model: Path, out_dir: Path, max_shard_size: str, task, heads_from) -> dict:
+def _check_out(out_dir: Path, full_model: Path | None, rules: dict) -> None:
+    """--out is refused before any input is loaded or merged (`io.check_output`): another kind of folder needs
+    --overwrite; an input (an adapter, a statistics, Fisher or merge file, the base checkpoint) never."""
+    from ..io import check_output
+    from ..merge.apply import MERGED_MODEL
+    from ..merge.export import MERGED_ADAPTER
+
+    inputs = [*rules["inputs"], *([full_model] if full_model is not None else [])]
+    check_output(out_dir, MERGED_ADAPTER if full_model is None else MERGED_MODEL, folder=True,
+                 overwrite=rules["overwrite"], inputs=inputs)
+
+
+def _write_full_model(merged, full_model: Path, out_dir: Path, max_shard_size: str, task, heads_from,
+                      rules: dict) -> dict:
+    """The merged full model; `rules` holds --overwrite and the inputs (`_check_out`)."""
     from ..merge import merge_checkpoint_sharded
 
     written = merge_checkpoint_sharded(
-        full_model, merged, None, out_dir, max_shard_size=max_shard_size, task=task, heads_from=heads_from
+        full_model, merged, None, out_dir, max_shard_size=max_shard_size, task=task, heads_from=heads_from,
+        **rules,
     )
     summary = (f"{out_dir}: full model, {full_model} + {merged.method} of {', '.join(merged.tasks)} "
                f"({len(written.files)} weight files)")
@@ -208,14 +219,15 @@ def _write_full_model(merged, full_model: Path, out_dir: Path, max_shard_size: s
             "base_checkpoint": str(full_model), "heads_from": heads_from, "task": task, "summary": summary}
 
 
-def _write_adapter(merged, out_dir: Path, rank: int | None, task, heads_from) -> dict:
-    """The PEFT adapter; a dense merge without --rank is truncated to the adapters' ranks summed."""
+def _write_adapter(merged, out_dir: Path, rank: int | None, task, heads_from, rules: dict) -> dict:
+    """The PEFT adapter; a dense merge without --rank is truncated to the adapters' ranks summed. `rules`
+    holds --overwrite and the inputs (`_check_out`)."""
     from ..merge import save_adapter
 
     default_rank = rank is None and not merged.spec.exact_low_rank
     if default_rank:
         rank = sum(max(f.rank for f in a.modules.values()) for a in merged.adapters.values())
-    export = save_adapter(merged, out_dir, rank, task=task, heads_from=heads_from)
+    export = save_adapter(merged, out_dir, rank, task=task, heads_from=heads_from, **rules)
     summary = f"{out_dir}: {merged.method} of {', '.join(merged.tasks)} ({_exactness(export, rank, default_rank)})"
     return {"path": str(out_dir), **merged.describe(), **export.report(), "rank": rank, "default_rank": default_rank,
             "heads_from": heads_from, "task": task, "summary": summary}
@@ -235,7 +247,7 @@ def _push(recipe, merged, result: dict, repo_id: str) -> str:
     """Upload the output folder with its model card; returns the repository URL."""
     from ..hub import merge_card, push_folder
 
-    records = {task: _record(src) for task, src in zip(merged.tasks, recipe.adapters)}
+    records = {task: adapter.record for task, adapter in merged.adapters.items()}
     card = merge_card(result, records, recipe.written_method)
     url = push_folder(result["path"], repo_id, card, f"osrm-lora merge: {merged.method} of {', '.join(merged.tasks)}")
     err.print(f"pushed {result['path']} to {url}")

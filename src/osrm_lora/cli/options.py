@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,16 @@ TaskOptionOpt = Annotated[list[str] | None, typer.Option("--task-option", help=O
 TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or messages")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
+AllowMismatchOpt = Annotated[
+    bool,
+    typer.Option("--allow-model-mismatch", help="for experts: inputs recorded on different base models (by "
+                 "content digest) are used together with a warning instead of refused"),
+]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option("--overwrite", help="let --out replace (or write into) an existing path that is not this command's "
+                 "own kind of output; never an input of the command, a read-only path, or a file by a folder"),
+]
 PushOpt = Annotated[
     str | None,
     typer.Option("--push-to-hub", metavar="REPO", help="then upload the output folder with a model card (its "
@@ -43,3 +54,15 @@ def _stages(values: list[str] | None) -> list[str] | None:
 
 ForceOpt = Annotated[list[str] | None, typer.Option("--force", callback=_stages, help=FORCE_HELP)]
 MaxLengthOpt = Annotated[int, typer.Option("--max-length", min=1, help="tokens per example (longer ones are cut)")]
+
+
+def finite(value: float | None) -> float | None:
+    """A float option's callback: NaN and ±inf are usage errors (a NaN λ would write a NaN adapter)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def float_option(*names: str, **kwargs):
+    """`typer.Option` for a float: finite values only (`finite`)."""
+    return typer.Option(*names, callback=finite, **kwargs)

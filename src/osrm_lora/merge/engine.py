@@ -17,7 +17,8 @@ import torch
 
 from ..adapters import LoraAdapter, LoraFactors, check_compatible
 from ..errors import MergeError
-from .inputs import input_kinds
+from ..identity import check_same_model
+from .inputs import InputKind, input_kinds
 from .registry import MethodParams, MethodSpec, get_method
 from .types import MergedModule, ModuleInputs, resolve_weights
 
@@ -44,17 +45,55 @@ def load_adapters(adapters: Sequence[AdapterLike]) -> list[LoraAdapter]:
     return loaded
 
 
-def _per_task(values: PerTask, tasks: list[str], what: str) -> list[Any]:
-    """Align per-task inputs given as a sequence (adapter order) or a mapping by adapter name."""
+def _per_task(values: PerTask, adapters: list[LoraAdapter], kind: InputKind) -> list[Any]:
+    """One input per adapter. A mapping is by adapter name, as given. A sequence is matched by the task
+    each object records (`kind.task_of`) to each adapter's task (`LoraAdapter.task`), whatever the order;
+    objects that record no task (plain mappings) go in adapter order."""
+    names = [a.name for a in adapters]
     if isinstance(values, Mapping):
-        missing = [t for t in tasks if t not in values]
+        missing = [n for n in names if n not in values]
         if missing:
-            raise MergeError(f"no {what} for adapters {missing} (have {sorted(values)})")
-        return [values[t] for t in tasks]
+            raise MergeError(f"no {kind.what} for adapters {missing} (have {sorted(values)})")
+        return [values[n] for n in names]
     values = list(values)
-    if len(values) != len(tasks):
-        raise MergeError(f"{len(values)} {what} given for {len(tasks)} adapters {tasks}")
+    recorded = [kind.task_of(v) for v in values]
+    if all(recorded):
+        return _by_task(values, recorded, adapters, kind)
+    if len(values) != len(adapters):
+        raise MergeError(f"{len(values)} {kind.what} given for {len(adapters)} adapters {names}")
+    for value, task, adapter in zip(values, recorded, adapters):
+        if task and task != adapter.task:
+            raise MergeError(f"{kind.describe(value)} is given for adapter {adapter.name!r} of task {adapter.task!r}")
     return values
+
+
+def _by_task(values: list[Any], recorded: list[str], adapters: list[LoraAdapter], kind: InputKind) -> list[Any]:
+    """`values` reordered to the adapters by recorded task; a missing, extra or repeated task is refused."""
+    tasks = [a.task for a in adapters]
+    given = ", ".join(kind.describe(v) for v in values)
+    for task in dict.fromkeys(tasks):
+        if tasks.count(task) > 1:
+            same = [a.name for a in adapters if a.task == task]
+            raise MergeError(f"adapters {same} record the same task {task!r}, so {kind.what} cannot be matched "
+                             f"to them by task; pass a mapping by adapter name")
+        if task not in recorded:
+            name = adapters[tasks.index(task)].name
+            raise MergeError(f"no {kind.what} for adapter {name!r} (task {task!r}); given: {given}")
+    for value, task in zip(values, recorded):
+        if recorded.count(task) > 1:
+            raise MergeError(f"{kind.what} of task {task!r} given {recorded.count(task)} times: {given}")
+        if task not in tasks:
+            raise MergeError(f"{kind.describe(value)} matches none of the adapters' tasks {tasks}")
+    return [values[recorded.index(task)] for task in tasks]
+
+
+def _check_models(adapters: list[LoraAdapter], given: Mapping[str, list[Any]], kinds: Mapping[str, InputKind]) -> None:
+    """Every input that records its base model must record the one the adapters were trained on."""
+    known = [a.identity() for a in adapters]
+    known += [kinds[name].model_of(v) for name, values in given.items() for v in values]
+    known = [identity for identity in known if identity is not None]
+    for other in known[1:]:
+        check_same_model(other, known[0], MergeError)
 
 
 class Merged:
@@ -162,15 +201,16 @@ class Merged:
                       results=list(self), factor=1.0)
 
     def rescaled(self, scaling: float) -> Merged:
-        """A materialized merge with λ replaced by `scaling` (exact: λ is a pure post-factor)."""
+        """A materialized merge with λ replaced by `scaling` (exact: λ is a pure post-factor), validated as
+        the method's own hyper-parameter (a NaN or infinite λ is refused)."""
         if self._results is None or not self.spec.post_scale:
             raise MergeError(f"merge method {self.method!r}: only a materialized post-scaled merge can be rescaled")
         base = self.params.scaling  # type: ignore[attr-defined]
         if base == 0:
             raise MergeError("cannot rescale a merge computed with scaling=0")
-        params = self.params.model_copy(update={"scaling": float(scaling)})
+        params = self.spec.parse({**self.params.model_dump(), "scaling": scaling})
         return Merged(self.spec, params, list(self.adapters.values()), self._extras, self._device,
-                      results=self._results, factor=float(scaling) / base)
+                      results=self._results, factor=params.scaling / base)  # type: ignore[attr-defined]
 
 
 def merge_adapters(
@@ -180,7 +220,9 @@ def merge_adapters(
 
     `options` are the method's hyper-parameters and, under their input kind's name, the per-task inputs
     it requires (`merge.inputs`: ``stats=`` TaskStats for RegMean's Gram matrices, ``fisher=``
-    {module: out×in diagonal Fisher}), each given in adapter order or as a mapping by adapter name.
+    {module: out×in diagonal Fisher}), each a sequence matched to the adapters by the task each object
+    records (in adapter order for objects that record none), or a mapping by adapter name. Inputs that
+    record their base model must record the adapters' (`identity.check_same_model`).
     Everything is validated here, before any module is merged; errors name the adapter, the module and
     the mismatch.
     """
@@ -199,10 +241,10 @@ def merge_adapters(
         if name not in spec.requires:
             raise MergeError(f"merge method {method!r} does not use {name}=")
     shapes = {m: (f.B.shape[0], f.A.shape[1]) for m, f in loaded[0].modules.items()}
-    extras = {}
-    for name, value in given.items():
-        kind = kinds[name]
-        extras[name] = [kind.provide(v, task, shapes) for v, task in zip(_per_task(value, tasks, kind.what), tasks)]
+    aligned = {name: _per_task(value, loaded, kinds[name]) for name, value in given.items()}
+    _check_models(loaded, aligned, kinds)
+    extras = {name: [kinds[name].provide(v, task, shapes) for v, task in zip(values, tasks)]
+              for name, values in aligned.items()}
     return Merged(spec, params, loaded, extras, torch.device(device) if device is not None else None)
 
 

@@ -4,6 +4,8 @@ As in mergekit's `tensor_parameters()`, a method lists the input kinds it needs 
 and the caller passes one object per task under the kind's name (``merge_adapters(..., stats=[...])``).
 The kind checks that object against the adapters' modules, naming the adapter in its errors, and gives
 the engine a {module: tensor} mapping; the method reads one module's tensors as ``inputs.extra(name)``.
+A kind also says which task an object records (`task_of`) and which base model (`model_of`), so the engine
+matches a list of objects to the adapters by task, never by position, and refuses another model's.
 A new kind is one `register_input` call; `register` refuses a method requiring an unknown one.
 
 No torch import: the registry validates `requires=` when a method is registered, before any tensor exists.
@@ -20,33 +22,55 @@ from ..errors import MergeError
 if TYPE_CHECKING:
     import torch
 
+    from ..identity import ModelIdentity
     from ..stats import TaskStats
 
 Shapes = Mapping[str, tuple[int, int]]  # module -> (out, in) of the adapters' updates
 Provide = Callable[[Any, str, Shapes], Mapping[str, "torch.Tensor"]]
 
 
+def recorded_task(value: Any) -> str:
+    """The `task` an object records (TaskStats, a Fisher file's diagonals); "" for a plain mapping."""
+    return str(getattr(value, "task", "") or "")
+
+
+def no_model(value: Any) -> ModelIdentity | None:
+    """For kinds whose objects record no base model."""
+    return None
+
+
 @dataclass(frozen=True)
 class InputKind:
     """`provide(per-task object, adapter name, shapes)` checks one task's object and returns {module: tensor}.
 
-    `what` names the objects in errors ("statistics"); `hint` says what to pass ("TaskStats per adapter").
+    `what` names the objects in errors ("statistics"); `hint` says what to pass ("TaskStats per adapter");
+    `task_of(object)` is the task it records ("" if none) and `model_of(object)` its base model (or None).
     """
 
     name: str
     what: str
     hint: str
     provide: Provide
+    task_of: Callable[[Any], str] = recorded_task
+    model_of: Callable[[Any], ModelIdentity | None] = no_model
+
+    def describe(self, value: Any) -> str:
+        """One object in messages: its file and task where known."""
+        task, source = self.task_of(value), getattr(value, "source", "")
+        if source:
+            return f"{self.what} {source}" + (f" (task {task!r})" if task else "")
+        return f"{self.what} of task {task!r}" if task else f"{self.what} without a task"
 
 
 _KINDS: dict[str, InputKind] = {}
 
 
-def register_input(name: str, what: str, hint: str, provide: Provide) -> None:
+def register_input(name: str, what: str, hint: str, provide: Provide, *, task_of: Callable[[Any], str] = recorded_task,
+                   model_of: Callable[[Any], ModelIdentity | None] = no_model) -> None:
     """Make `name` a per-task input that methods may require and `merge_adapters` accepts as `name=`."""
     if name in _KINDS:
         raise ValueError(f"merge input {name!r} is already registered")
-    _KINDS[name] = InputKind(name, what, hint, provide)
+    _KINDS[name] = InputKind(name, what, hint, provide, task_of, model_of)
 
 
 def input_kinds() -> dict[str, InputKind]:
@@ -86,5 +110,5 @@ def _fisher(fisher: Mapping[str, torch.Tensor], adapter: str, shapes: Shapes) ->
     return fisher
 
 
-register_input("stats", "statistics", "TaskStats per adapter", _grams)
+register_input("stats", "statistics", "TaskStats per adapter", _grams, model_of=lambda stats: stats.identity())
 register_input("fisher", "Fisher diagonals", "per-adapter Fisher diagonals", _fisher)

@@ -127,9 +127,20 @@ def _out_in(layer: nn.Module) -> tuple[int, int]:
     return d_out, d_in
 
 
+class FisherDiagonals(dict):
+    """{module: diagonal Fisher} as read from a file, with the `task` it records ("" when none), so a merge
+    matches it to that task's adapter, and the `source` file for messages."""
+
+    def __init__(self, diagonals: Mapping[str, torch.Tensor], task: str = "", source: str = "") -> None:
+        super().__init__(diagonals)
+        self.task = task
+        self.source = source
+
+
 def save_fisher(path: str | Path, fisher: Mapping[str, torch.Tensor], *, task: str = "") -> None:
     save_tensors(path, dict(fisher), {"format": FORMAT, "task": task})
 
 
-def load_fisher(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_tensors(path, FORMAT, "Fisher")[0]
+def load_fisher(path: str | Path) -> FisherDiagonals:
+    tensors, meta = load_tensors(path, FORMAT, "Fisher")
+    return FisherDiagonals(tensors, meta.get("task", ""), str(path))
