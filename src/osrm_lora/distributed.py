@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -116,6 +116,8 @@ def collect_task_stats(
     mask_padding: bool = True,
     trust_remote_code: bool = False,
     progress: bool = False,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> TaskStats:
     """A task's statistics over a seeded sample of `split`, sharded across the ranks if distributed.
 
@@ -127,7 +129,8 @@ def collect_task_stats(
     where it is, and then `tokenizer` is required. `model_dtype` (e.g. torch.bfloat16) casts a loaded model
     to halve its accelerator memory; the sums still accumulate in `dtype`. `target_modules=None` targets
     the model type's query and value projections. `extra` adds entries to the saved `stats.extra` (which
-    already records the split, seed, sample size and max_length).
+    already records the split, seed, sample size and max_length). `overwrite` and `inputs` are
+    `TaskStats.save`'s: what `out_path` may replace.
     """
     from .modules import default_target_modules
 
@@ -150,9 +153,10 @@ def collect_task_stats(
 
     data = task.split(split, max_examples=samples, seed=seed)
     shard = data.select(shard_indices(len(data), rank(), world_size()))
-    # A rank whose shard is empty still joins the all-reduce with zero sums.
+    # A rank whose shard is empty still joins the all-reduce with zero sums. Sums need no row order, so
+    # the rows go longest first (less padding computed).
     batches = (
-        make_dataloader(shard, tokenizer, task.spec, batch_size=batch_size, max_length=max_length)
+        make_dataloader(shard, tokenizer, task.spec, batch_size=batch_size, max_length=max_length, by_length=True)
         if len(shard) else []
     )
     stats = collect_stats(
@@ -165,6 +169,6 @@ def collect_task_stats(
     stats.extra.update(extra or {})
     if out_path is not None:
         if is_main():
-            stats.save(Path(out_path))
+            stats.save(Path(out_path), overwrite=overwrite, inputs=inputs)
         barrier()
     return stats

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -99,7 +101,8 @@ def print_tables(tables: list[Table]) -> None:
 
 
 def key_values(items: list[str], what: str) -> dict[str, Any]:
-    """`key=value` options; values are parsed as YAML scalars/lists (`0.2` -> float, `[1,2]` -> list)."""
+    """`key=value` options; values are parsed as YAML scalars/lists (`0.2` -> float, `[1,2]` -> list), and
+    a NaN or infinite number (`.nan`, `[1, .inf]`) is refused."""
     import yaml
 
     parsed = {}
@@ -107,8 +110,19 @@ def key_values(items: list[str], what: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             fail(f"{what} {item!r} must look like key=value")
-        parsed[key.strip()] = yaml.safe_load(value)
+        loaded = yaml.safe_load(value)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (loaded if isinstance(loaded, list) else [loaded])):
+            fail(f"{what} {item!r}: not a finite number")
+        parsed[key.strip()] = loaded
     return parsed
+
+
+def input_paths(*given: Any, files: list[str] | None = None) -> list[str]:
+    """The local paths among `given` (paths, strings, lists of them, None: a model folder but not a Hub id)
+    and the --files values: what the command reads, so what its output may never replace (`io.check_output`)."""
+    flat: list[Any] = [v for g in given for v in (g if isinstance(g, (list, tuple)) else [g]) if v is not None]
+    flat += key_values(files or [], "--files").values()
+    return [str(p) for p in flat if os.path.exists(str(p))]
 
 
 def load_task(name: str, glue_dir: Path | None, files: list[str] | None, options: list[str] | None):

@@ -19,6 +19,8 @@ adapter config always agrees with it, so `PeftModel.from_pretrained` never expec
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +28,14 @@ import torch
 
 from ..adapters import LoraAdapter, LoraFactors
 from ..errors import MergeError
-from ..io import atomic_dir, save_tensors
+from ..io import atomic_dir, check_output, save_tensors
 from ..runtime.weights import task_head
 from .engine import Merged
 from .lowrank import squared_norm, truncate_dense, truncate_factors
 
 ALL_HEADS = "all"
 HEADS_DIR = "heads"
+MERGED_ADAPTER = "merged-adapter"  # the output kind of merged PEFT adapter folders
 HEAD_TASK_TYPES = frozenset({"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"})  # PEFT adds a head module for these
 
 
@@ -120,12 +123,15 @@ def to_adapter(
 
 def save_adapter(
     merged: Merged, path: str | Path, rank: int | None = None, *, task: str | None = None,
-    heads_from: str | None = None,
+    heads_from: str | None = None, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
 ) -> AdapterExport:
     """`to_adapter`, then write it as a PEFT folder (with `heads/` for heads_from="all") atomically: all
-    modules are merged before anything is written, so a failure leaves no folder."""
+    modules are merged before anything is written, so a failure leaves no folder. `path` is checked first
+    (`io.check_output`: an existing folder that is no merged adapter needs `overwrite`, an input never)."""
+    inputs = list(inputs)
+    check_output(path, MERGED_ADAPTER, folder=True, overwrite=overwrite, inputs=inputs)
     export = to_adapter(merged, rank, task=task, heads_from=heads_from, name=Path(path).name)
-    with atomic_dir(path, "merged-adapter") as tmp:
+    with atomic_dir(path, MERGED_ADAPTER, overwrite=overwrite, inputs=inputs) as tmp:
         export.adapter.write(tmp)
         for head_task, tensors in export.heads.items():
             save_tensors(tmp / HEADS_DIR / f"{head_task}.safetensors", tensors,

@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import MergeError
-from ..io import OsrmFileError, atomic_dir, write_json
+from ..io import OsrmFileError, atomic_dir, check_output, write_json
 from ..runtime.weights import head_parameters
+from .apply import MERGED_MODEL
 from .engine import AdapterLike, Merged, merge_adapters
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -292,6 +293,8 @@ def merge_checkpoint_sharded(
     task: str | None = None,
     heads_from: str | None = None,
     device: str | torch.device | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
     **options: Any,
 ) -> ShardedMerge:
     """Write base checkpoint + merged LoRA updates as a sharded safetensors model folder, tensor by tensor.
@@ -301,10 +304,12 @@ def merge_checkpoint_sharded(
     existing `Merged` (then `method` is None). `task` picks the task of a per-task (EMR) merge; `heads_from`
     writes that adapter's task head over the checkpoint's. Every module, head and shape is matched against
     the checkpoint's headers before any tensor is read. The output loads with `from_pretrained(out_dir)`.
+    `out_dir` is checked before anything is merged (`io.check_output`: an existing folder that is no merged
+    model needs `overwrite`; the base checkpoint and `inputs`, the files the merge read, never).
     """
     base, out = Path(base_dir), Path(out_dir)
-    if out.resolve() == base.resolve():
-        raise MergeError(f"{out}: the merged model must go to another folder than the base checkpoint")
+    inputs = [base, *inputs]
+    check_output(out, MERGED_MODEL, folder=True, overwrite=overwrite, inputs=inputs)
     if isinstance(adapters, Merged):
         if method is not None or device is not None or options:
             raise MergeError("pass method and its options only with adapters, not with an existing Merged")
@@ -332,7 +337,7 @@ def merge_checkpoint_sharded(
             return heads[entry.name][1].to(tensor.dtype).contiguous()
         return tensor
 
-    with atomic_dir(out, "merged-model", inputs=[base]) as tmp:
+    with atomic_dir(out, MERGED_MODEL, overwrite=overwrite, inputs=inputs) as tmp:
         _write_shards(base, tmp, layout, split, replace)
         if split.is_sharded:
             write_json(tmp / INDEX_NAME, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
