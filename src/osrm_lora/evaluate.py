@@ -1,10 +1,17 @@
 """Scoring a model on a task's evaluation split with the task's own metric on its primary score.
 
+Batches are sorted by length (less padding computed) and run under `torch.inference_mode`; predictions come
+back in row order, identical to unsorted batches.
+
 The aggregates over tasks (average, normalised scores) are in `osrm_lora.scores`, which needs no torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from .errors import AdapterError, EvaluationError
@@ -22,7 +29,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
     model: torch.nn.Module,
     batches,
@@ -31,8 +38,11 @@ def predict(
     progress: bool = False,
     description: str = "evaluating",
 ) -> tuple[list, list]:
-    """Run `model` over labelled batches in eval mode; returns (predictions, labels) as Python lists."""
+    """Run `model` over labelled batches in eval mode; returns (predictions, labels) as Python lists in the
+    dataset's row order (batches sorted `by_length` are put back with `restore_order`)."""
     from rich.progress import track
+
+    from .tasks.batching import restore_order
 
     device = _model_device(model)
     was_training = model.training
@@ -49,7 +59,49 @@ def predict(
             labels.extend(gold.tolist())
     finally:
         model.train(was_training)
-    return predictions, labels
+    return restore_order(predictions, batches), restore_order(labels, batches)
+
+
+@dataclass
+class PartScores:
+    """One part of a task's evaluation rows: its metrics and, per row, the prediction and gold label."""
+
+    rows: np.ndarray
+    metrics: dict[str, float]
+    predictions: list
+    labels: list
+
+
+def evaluate_rows(
+    model: torch.nn.Module,
+    tokenizer,
+    task,
+    parts: Mapping[str, Sequence[int]],
+    *,
+    split: str = "dev",
+    batch_size: int = 32,
+    max_length: int = 128,
+    progress: bool = False,
+) -> dict[str, PartScores]:
+    """The task's metrics on each named part (row indices of `split`), from one pass over all their rows."""
+    from .tasks import compute_metrics, make_dataloader
+
+    spec = task.spec
+    union = np.unique(np.concatenate([np.asarray(rows, dtype=np.int64) for rows in parts.values()]))
+    if union.size == 0:
+        raise EvaluationError(f"task {spec.name!r}: no {split} rows to evaluate on")
+    batches = make_dataloader(task.full_split(split).select(union), tokenizer, spec, batch_size=batch_size,
+                              max_length=max_length, by_length=True)
+    predictions, labels = predict(model, batches, regression=spec.label_names is None, progress=progress,
+                                  description=f"eval {spec.name}")
+    out = {}
+    for name, rows in parts.items():
+        rows = np.asarray(rows, dtype=np.int64)
+        at = np.searchsorted(union, rows)
+        pred, gold = [predictions[i] for i in at], [labels[i] for i in at]
+        metrics = {k: float(v) for k, v in compute_metrics(spec, pred, gold).items()}
+        out[name] = PartScores(rows, metrics, pred, gold)
+    return out
 
 
 def evaluate_task(
@@ -72,7 +124,7 @@ def evaluate_task(
     if len(dataset) == 0:
         raise EvaluationError(f"task {spec.name!r}: split {split!r} has no examples to evaluate on")
     batches = make_dataloader(
-        dataset, tokenizer, spec, batch_size=batch_size, max_length=max_length, shuffle=False
+        dataset, tokenizer, spec, batch_size=batch_size, max_length=max_length, by_length=True
     )
     predictions, labels = predict(
         model,
