@@ -556,6 +556,63 @@ def diagnostics_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FORECAST_NOTE = (
+    "Before training, from the statistics alone: the task's own and the other tasks' input energy its OSRM "
+    "rows capture, and those of the osrm-contrast rows, each × the share r/d of a random subspace (mean over "
+    "modules; docs/modes.md). *starves*: the OSRM rows give the task no clearly larger share than the others "
+    "(they starve it as much as they protect the others). Beside it what was measured: the init's individual "
+    "score against the reference init's, and the interference its adapter causes on the other tasks (mean "
+    "of its column of the interference matrix).\n"
+)
+
+
+def forecast_markdown(results: Mapping[str, Any]) -> str:
+    """The forecast of each init's subspace per task beside the measured outcome (`FORECAST_NOTE`)."""
+    forecasts = results.get("forecast") or {}
+    if not forecasts:
+        return ""
+    individual = _individual_scores(results)
+    reference = results.get("reference_init")
+    interference = _interference_by_init(results)
+
+    def score(init: str, task: str) -> str:
+        values = [v[task] for (i, _), v in individual.items() if i == init and task in v]
+        return f"{100 * statistics.fmean(values):.2f}" if values else "–"
+
+    def caused(init: str, task: str) -> str:
+        tasks, m = interference.get(init, ([], []))
+        if task not in tasks or len(tasks) < 2:
+            return "–"
+        j = tasks.index(task)
+        return f"{statistics.fmean(m[i][j] for i in range(len(tasks)) if i != j):.4g}"
+
+    header = ("| init | task | OSRM: own | OSRM: others | contrast: own | contrast: others | null dim of Σ₋ᵢ | "
+              f"starves | individual | {reference} individual | interference caused |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for init, tasks in forecasts.items():
+        for task, f in tasks.items():
+            shares = " | ".join(f"{f[mode][who]:.3g}" for mode in ("osrm", "contrast") for who in ("own", "others"))
+            lines.append(f"| {init} | {task} | {shares} | {f['others_null_dim']} | {_yes_no(f['starves'])} | "
+                         f"{score(init, task)} | {score(reference, task)} | {caused(init, task)} |")
+    return "\n".join(lines) + "\n"
+
+
+def modes_markdown(results: Mapping[str, Any]) -> str:
+    """The training modes' last logged task loss and penalty (osrm-reg) per adapter (docs/modes.md)."""
+    rows = results.get("modes") or []
+    if not rows:
+        return ""
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{value:.4g}"
+
+    lines = ["| init | seed | task | μ | task loss | penalty P | P at the start |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        log = r["last_log"]
+        lines.append(f"| {r['init']} | {r['seed']} | {r['task']} | {r.get('mu', '–')} | {cell(log['task_loss'])} | "
+                     f"{cell(log.get('penalty'))} | {cell(r.get('penalty_initial'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: Mapping[str, Any], output_dir: str | Path) -> dict[str, Path]:
     """Write report.md, the CSV tables and the PNG plots into `output_dir`; returns what was written."""
     check_results(results)
@@ -602,6 +659,12 @@ def write_report(results: Mapping[str, Any], output_dir: str | Path) -> dict[str
     diagnostics = diagnostics_markdown(results)
     if diagnostics:
         parts += ["## Adapter diagnostics\n", DIAGNOSTICS_NOTE, diagnostics]
+    modes = modes_markdown(results)
+    if modes:
+        parts += ["## Training modes: the task loss and the penalty, as last logged\n", modes]
+    forecast = forecast_markdown(results)
+    if forecast:
+        parts += ["## Forecast from the statistics, and the outcome\n", FORECAST_NOTE, forecast]
     interference = _interference_markdown(results)
     if interference:
         parts += ["## Interference\n", interference, "![interference](plots/interference.png)\n"]

@@ -2,7 +2,9 @@
 
 The adapter starts from a registered init (`osrm_lora.inits`, with its typed options): PEFT's (``kaiming``, the
 default, and ``gaussian``), OSRM's subspace of the other tasks' inputs (``osrm``, ``osrm-mean``,
-``osrm-official``), the data-free controls (``random-orthonormal``, ``task-orthogonal``), or PEFT's PiSSA/OLoRA. Training is plain `Trainer`, so it runs unchanged on several GPUs::
+``osrm-official``), the data-free controls (``random-orthonormal``, ``task-orthogonal``), PEFT's PiSSA/OLoRA, or a
+training mode beyond the paper (``osrm-reg``, ``osrm-contrast``, ``osrm-project``: docs/modes.md).
+Training is plain `Trainer`, so it runs unchanged on several GPUs::
 
     torchrun --nproc_per_node 4 -m osrm_lora.cli train ...
     accelerate launch -m osrm_lora.cli train ...
@@ -476,7 +478,7 @@ def finetune(
         "steps": int(trainer.state.global_step),
         "train_step_time_s": step_time if timer.times else None,
         "resumed_from": Path(checkpoint).name if checkpoint else None,
-        "mode": hook.metadata() if hook is not None else None,
+        "mode": _mode_record(hook, trainer.state.log_history),
         "versions": _versions(),
     }
     if trainer.is_world_process_zero():
@@ -565,6 +567,16 @@ def _trainer(peft_model, args: TrainingArguments, train_set, dev_set, tokenizer,
     )
     trainer.model_accepts_loss_kwargs = False
     return trainer
+
+
+def _mode_record(hook: TrainingHook | None, history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """What the adapter's metadata records of its training mode: the hook's own record and the mode's log (loss,
+    task loss and the mode's values at every logging step)."""
+    if hook is None:
+        return None
+    log = [{k: v for k, v in entry.items() if k in ("step", "loss", "task_loss", *hook.logged)}
+           for entry in history if "task_loss" in entry]
+    return {**hook.metadata(), "log": log}
 
 
 def _dev_metrics(trainer: Trainer) -> dict[str, float]:

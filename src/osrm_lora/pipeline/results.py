@@ -78,6 +78,49 @@ def _scores(config: ExperimentConfig, layout: Layout, finished: Finished) -> dic
     return {"individual": individual, "merged": merged, "interference": interference, "diagnostics": diagnostics}
 
 
+def _forecasts(config: ExperimentConfig, layout: Layout) -> dict[str, dict[str, dict]]:
+    """Per init that starts from a subspace and per merged task, the forecast its subspace file records
+    (`forecast.summarise`), read from the file's header without loading tensors; absent files are skipped."""
+    from safetensors import safe_open
+
+    from ..forecast import summarise
+    from ..inits import get_init
+
+    forecasts: dict[str, dict[str, dict]] = {}
+    for run in config.init_runs:
+        variant = get_init(run.name).subspace_variant(config.subspace.variant)
+        for task in config.task_names if variant else ():
+            tag = None if run.samples == config.statistics.reference else run.samples
+            path = layout.subspace(variant, task, tag)
+            if not path.is_file():
+                continue
+            with safe_open(str(path), framework="numpy") as f:
+                diagnostics = json.loads((f.metadata() or {}).get("diagnostics", "{}"))
+            summary = summarise({m: d.get("spectrum", {}) for m, d in diagnostics.items()})
+            if summary is not None:
+                forecasts.setdefault(run.label, {})[task] = summary
+    return forecasts
+
+
+def _modes(config: ExperimentConfig, layout: Layout, finished: Finished) -> list[dict[str, Any]]:
+    """Per evaluated adapter of a training mode with a hook (osrm-reg, osrm-project), its last logged task loss
+    and mode values and its metadata's final record, from the adapter's osrm_lora.json."""
+    from ..adapters import METADATA_NAME
+
+    rows = []
+    for run in _runs(config):
+        for task in config.task_names:
+            key = run.adapter(task)
+            path = layout.adapter(key) / METADATA_NAME
+            if key.name not in finished.get("eval", ()) or not path.is_file():
+                continue
+            mode = _read(path).get("mode") or {}
+            if mode.get("log"):
+                final = {k: v for k, v in mode.items() if k != "log" and not isinstance(v, dict)}
+                rows.append({"init": run.init, "seed": run.seed, "task": task, **final, "last_log": mode["log"][-1]})
+    return rows
+
+
 def example_loader(config: ExperimentConfig, layout: Layout):
     """(init, method, seed, λ) -> {task: per-example values of the report rows}, read from the eval files."""
     from ..study import INDIVIDUAL, record_values
@@ -115,6 +158,8 @@ def collect_results(config: ExperimentConfig, layout: Layout, finished: Finished
         **_scores(c, layout, finished),
     }
     results["primary_metrics"] = {r["task"]: r["primary_metric"] for r in results["individual"] + results["merged"]}
+    results["forecast"] = _forecasts(c, layout)
+    results["modes"] = _modes(c, layout, finished)
     results["selection"] = select_lambdas(results["merged"], c.task_names)
     settings = c.report
     results["paired"] = paired_differences(
