@@ -225,6 +225,23 @@ def test_project_with_k_equal_d_trains_like_plain_osrm(task, bert_dir, pool, tmp
     assert abs(full.metrics["loss"] - plain.metrics["loss"]) < 0.02
 
 
+def test_interrupted_project_run_resumes_to_the_uninterrupted_adapter(task, bert_dir, pool, tmp_path):
+    """Checkpoints hold C (the parametrisation's trained tensor); resuming re-applies U_k and continues."""
+    from test_train import Interrupt
+
+    kw = {"options": {"k": 5}, "save_steps": 4}
+    _train(task, bert_dir, pool[0], tmp_path / "full", "osrm-project", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        _train(task, bert_dir, pool[0], tmp_path / "cut", "osrm-project", callbacks=[Interrupt()], **kw)
+    resumed = finetune(task, bert_dir, tmp_path / "cut", init="osrm-project", init_options={"k": 5},
+                       other_stats=[pool[0]], seed=1, lora={"r": 2, "dropout": 0.0}, resume=True,
+                       training={**FAST, "lr": 2e-2, "max_steps": 8, "save_steps": 4})
+    assert resumed.metadata["resumed_from"] == "checkpoint-4"
+    want, got = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("full", "cut"))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-7, msg=key)
+
+
 def test_project_k_is_checked_against_each_module(task, bert_dir, pool, tmp_path):
     with pytest.raises(Exception, match=r"osrm-project', module bert.encoder.layer.0.attention.self.query: k=1"):
         _train(task, bert_dir, pool[0], tmp_path / "low", "osrm-project", {"k": 1})
