@@ -93,6 +93,7 @@ class _Subspace:
     def __init__(self) -> None:
         self.others = ["b"]
         self.energy = {"layer.0.proj": -5.9e-09, "layer.1.proj": -1.0e-10}
+        self.spectrum: dict = {}  # no forecast recorded
 
     def save(self, path, **options) -> None:
         pass
