@@ -96,3 +96,47 @@ def test_statistics_sums_agree(task, tokenizer):
     for m in plain.modules:
         torch.testing.assert_close(bucketed.second[m], plain.second[m], rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(bucketed.first[m], plain.first[m], rtol=1e-5, atol=1e-4)
+
+
+def _padded_by_hand(rows, key, fill, left):
+    """The reference: each row padded to the longest with `fill`, on the left or the right."""
+    length = max(len(r[key]) for r in rows)
+    pad = [[fill] * (length - len(r[key])) for r in rows]
+    return torch.tensor([p + list(r[key]) if left else list(r[key]) + p for p, r in zip(pad, rows)])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_one_collator_pads_like_the_definition_on_either_side(tokenizer, side):
+    """Training, statistics and evaluation share `make_collator` (transformers' DataCollatorWithPadding)."""
+    from osrm_lora.tasks import make_collator
+
+    rows = [{"input_ids": list(range(5, 5 + n)), "attention_mask": [1] * n, "token_type_ids": [0] * n,
+             "labels": n % 3} for n in (3, 7, 1, 5)]
+    tokenizer.padding_side = side
+    try:
+        batch = make_collator(tokenizer, regression=False)(rows)
+    finally:
+        tokenizer.padding_side = "right"
+    left = side == "left"
+    assert torch.equal(batch["input_ids"], _padded_by_hand(rows, "input_ids", tokenizer.pad_token_id, left))
+    assert torch.equal(batch["attention_mask"], _padded_by_hand(rows, "attention_mask", 0, left))
+    assert torch.equal(batch["token_type_ids"], _padded_by_hand(rows, "token_type_ids", 0, left))
+    assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == [0, 1, 1, 2]
+    regression = make_collator(tokenizer, regression=True)(rows)
+    assert regression["labels"].dtype == torch.float32  # whole-number scores still train a regression head
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos(tokenizer):
+    import copy
+
+    from osrm_lora.tasks import make_collator
+
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.eos_token = "[SEP]"
+    no_pad.pad_token = None
+    batch = make_collator(no_pad, regression=False)([{"input_ids": [5, 6], "labels": 0}, {"input_ids": [5], "labels": 1}])
+    assert batch["input_ids"][1, 1].item() == no_pad.convert_tokens_to_ids("[SEP]")
+    no_pad.eos_token = None
+    no_pad.pad_token = None
+    with pytest.raises(TaskError, match="neither a pad nor an eos"):
+        make_collator(no_pad, regression=False)

@@ -43,7 +43,6 @@ from typing import Any, Literal
 import torch
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
 from transformers import (
-    DataCollatorWithPadding,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -66,7 +65,7 @@ from .runtime.models import load_model_and_tokenizer
 from .settings import LoraSettings, TrainingSettings
 from .stats import StatsMismatchError, TaskStats, model_identity
 from .subspace import OFFICIAL, Subspace, SubspaceMismatchError, official_subspaces, subspace_from_others
-from .tasks import Task, TaskSpec, compute_metrics, tokenize
+from .tasks import Task, TaskSpec, compute_metrics, make_collator, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -235,16 +234,10 @@ def _training_arguments(
     if training.keep_best:
         # Every task metric (accuracy, F1, MCC, correlations) is better when higher.
         kwargs.update(load_best_model_at_end=True, metric_for_best_model=spec.primary_metric, greater_is_better=True)
-    fields = TrainingArguments.__dataclass_fields__
-    if "save_safetensors" in fields:  # transformers 4; 5 always saves safetensors
-        kwargs["save_safetensors"] = True
     if training.gradient_checkpointing:  # non-reentrant: no input gradients needed with a frozen base
-        name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-        kwargs.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
-    if "warmup_ratio" in fields:  # transformers 4; in 5 a warmup_steps below 1 is the ratio
-        kwargs["warmup_ratio"] = training.warmup_ratio
-    else:
-        kwargs["warmup_steps"] = training.warmup_ratio
+        kwargs.update(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5 (pinned in pyproject) always saves safetensors and reads a warmup_steps below 1 as a ratio.
+    kwargs["warmup_steps"] = training.warmup_ratio
     args = TrainingArguments(
         output_dir=str(partial),
         learning_rate=training.lr,
@@ -561,7 +554,7 @@ def _trainer(peft_model, args: TrainingArguments, train_set, dev_set, tokenizer,
         args=args,
         train_dataset=train_set,
         eval_dataset=dev_set,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=make_collator(tokenizer, spec.is_regression),
         compute_metrics=_metrics_fn(spec),
         callbacks=callbacks,
     )

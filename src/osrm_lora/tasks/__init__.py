@@ -5,7 +5,7 @@ and a built-in offline suite cut from corpora that ship inside PyPI packages (wi
 `builtin:minilm`). Every task exposes splits with columns `text`, (`text_pair`), `label`.
 """
 
-from .batching import Collator, make_dataloader, tokenize
+from .batching import make_collator, make_dataloader, tokenize
 from .builtin import (
     BUILTIN_MODELS,
     BUILTIN_TASKS,
@@ -30,7 +30,6 @@ __all__ = [
     "CACHE_ENV",
     "GLUE_DIR_ENV",
     "GLUE_SPECS",
-    "Collator",
     "FetchError",
     "MalformedRowsWarning",
     "Task",
@@ -51,6 +50,7 @@ __all__ = [
     "load_file_task",
     "load_glue_hub",
     "load_glue_local",
+    "make_collator",
     "make_dataloader",
     "make_rng",
     "proportional_allocation",

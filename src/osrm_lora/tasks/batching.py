@@ -14,6 +14,7 @@ import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
+from transformers import DataCollatorWithPadding
 
 from .sampling import make_rng
 from .spec import TaskError, TaskSpec
@@ -41,39 +42,28 @@ def tokenize(dataset: datasets.Dataset, tokenizer, spec: TaskSpec, max_length: i
     return datasets.Dataset.from_dict(columns)
 
 
-def pad_id_of(tokenizer) -> int:
-    """The padding token id; decoder-only tokenizers without one pad with end-of-sequence (masked anyway)."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    raise TaskError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token to pad with")
+class _RegressionAware:
+    """transformers' `DataCollatorWithPadding` (one collator for training, statistics and evaluation), with
+    float32 labels for a regression head even when the file's scores were whole numbers."""
 
-
-class Collator:
-    """Pads a list of tokenised rows to the longest one, on the tokenizer's padding side."""
-
-    def __init__(self, pad_id: int, left: bool, regression: bool):
-        self.pad_id, self.left, self.regression = pad_id, left, regression
+    def __init__(self, tokenizer, regression: bool):
+        self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+        self.regression = regression
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(r["input_ids"]) for r in rows)
-        batch: dict[str, torch.Tensor] = {}
-        for key in TOKEN_COLUMNS:
-            if key not in rows[0]:
-                continue
-            fill = self.pad_id if key == "input_ids" else 0
-            out = torch.full((len(rows), length), fill, dtype=torch.long)
-            for i, r in enumerate(rows):
-                values = torch.as_tensor(r[key], dtype=torch.long)
-                if self.left:
-                    out[i, length - len(values):] = values
-                else:
-                    out[i, :len(values)] = values
-            batch[key] = out
-        batch["labels"] = torch.tensor(
-            [r["labels"] for r in rows], dtype=torch.float32 if self.regression else torch.long
-        )
-        return batch
+        batch = self.pad(rows)
+        batch["labels"] = batch["labels"].to(torch.float32 if self.regression else torch.long)
+        return dict(batch)
+
+
+def make_collator(tokenizer, regression: bool) -> _RegressionAware:
+    """The collator of every batch: pads to the batch's longest row on the tokenizer's side; a tokenizer
+    without a pad token pads with end-of-sequence (masked anyway), as `load_model_and_tokenizer` sets it."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise TaskError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return _RegressionAware(tokenizer, regression)
 
 
 class SeededShuffle(Sampler[int]):
@@ -157,7 +147,7 @@ def make_dataloader(
         raise TaskError(f"task {spec.name!r}: no examples to batch")
     rows = dataset[:]
     columns = {k: rows[k] for k in (*TOKEN_COLUMNS, "labels") if k in rows}
-    collate = Collator(pad_id_of(tokenizer), getattr(tokenizer, "padding_side", "right") == "left", spec.is_regression)
+    collate = make_collator(tokenizer, spec.is_regression)
     sampler = SeededShuffle(len(dataset), seed) if shuffle else None
     if by_length:
         sampler = LengthSorted([len(ids) for ids in columns["input_ids"]])
