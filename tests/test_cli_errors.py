@@ -264,3 +264,23 @@ def test_train_interrupted_says_how_to_resume(world, tmp_path, monkeypatch):
     assert result.exit_code == 130, result.output
     assert f"interrupted: checkpoints are kept in {tmp_path / 'out.partial'}" in result.plain
     assert "the same command with --resume" in result.plain
+
+
+def test_a_warning_is_one_line_and_the_previous_handler_comes_back(monkeypatch):
+    """Warnings print as `warning: …` (no source line); outside a command Python's handler is untouched."""
+    import warnings
+
+    import osrm_lora.tasks
+
+    def warn_then_list(glue_dir):
+        warnings.warn("statistics of 1 example: the subspace is not determined by the data", UserWarning)
+        return []
+
+    monkeypatch.setattr(osrm_lora.tasks, "list_tasks", warn_then_list)
+    before = warnings.showwarning
+    result = invoke("data", "list", "--json")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "warning" in line]
+    assert lines == ["warning: statistics of 1 example: the subspace is not determined by the data"], result.output
+    assert "warnings.warn" not in result.output
+    assert warnings.showwarning is before

@@ -50,6 +50,7 @@ class ReportErrors(TyperGroup):
     """
 
     def invoke(self, ctx: Any) -> Any:
+        shown, warnings.showwarning = warnings.showwarning, _one_line_warning
         try:
             return super().invoke(ctx)
         except (OsrmLoraError, OSError) as exc:
@@ -62,6 +63,13 @@ class ReportErrors(TyperGroup):
             from ..settings import format_validation_error
 
             fail(format_validation_error(exc, exc.title))
+        finally:
+            warnings.showwarning = shown
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one `warning: …` line on stderr, like errors, not Python's two lines with the source."""
+    err.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def quiet_libraries() -> None:
