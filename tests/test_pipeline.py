@@ -274,6 +274,34 @@ def test_edited_data_file_retrains_that_task_only(reference, tmp_path):
     assert len(summary.stages["eval"].ran) == 2 and len(summary.stages["merge"].ran) == UNITS["merge"]
 
 
+def test_the_official_init_has_its_own_statistics_pool(model_dir, tmp_path):
+    """`statistics.official_pool`: osrm-official's subspaces come from every pool task (as the official code
+    takes every GLUE task), the paper's OSRM subspaces from the merged tasks only."""
+    from osrm_lora.subspace import Subspace
+
+    path = write_experiment(tmp_path, model_dir)
+    data = yaml.safe_load(path.read_text())
+    data.update(
+        pool_tasks=[{**data["tasks"][1], "name": "extra"}],
+        inits=["osrm", "osrm-official"],
+        statistics={**data["statistics"], "pool": list(TASKS), "official_pool": [*TASKS, "extra"]},
+        merge=[{"method": "task_arithmetic", "lambdas": [1.0]}],
+        interference=False,
+        diagnostics=False,
+    )
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    config = load_experiment(path)
+    assert config.pool_for("cov") == list(TASKS) and config.pool_for("official") == [*TASKS, "extra"]
+    summary = run_experiment(config, progress=False)
+    assert summary.stages["stats"].ran == [*TASKS, *(f"padded/{t}" for t in (*TASKS, "extra"))]
+    out = config.output_dir
+    assert Subspace.load(out / "subspaces" / "cov" / "sentiment.safetensors").others == ["topic"]
+    assert Subspace.load(out / "subspaces" / "official" / "sentiment.safetensors").others == ["topic", "extra"]
+    data["statistics"]["official_pool"] = [*TASKS, "missing"]
+    with pytest.raises(ConfigError, match=r"statistics.official_pool names \['missing'\]"):
+        parse_experiment(data, "pools")
+
+
 def test_statistics_pool_sample_sizes_and_init_entries(model_dir, tmp_path):
     """A pool task that is not merged, two sample sizes, an init with options, the official code's init and a
     control: the units per size, the pool in each subspace, the init options in each adapter, `samples` in the

@@ -171,7 +171,8 @@ class StatisticsConfig(_Strict):
     finetuned` once per adapter on its fine-tuned model (the same sample), cached.
 
     `pool` names the tasks whose statistics make the subspaces (a merged task leaves its own out); by default
-    the merged tasks and every `pool_tasks` entry. A list of `samples_per_task` makes the sample size a study
+    the merged tasks and every `pool_tasks` entry. `official_pool` is the pool of `osrm-official` alone (default:
+    `pool`), since the official code takes every GLUE task's data whichever tasks are merged. A list of `samples_per_task` makes the sample size a study
     axis: the subspaces, and the adapters of every init that starts from them, are made per value; the largest
     (`reference`) is the sample that interference, RegMean's base Grams and the diagnostics read."""
 
@@ -184,6 +185,9 @@ class StatisticsConfig(_Strict):
     pool: list[str] | None = Field(
         None, min_length=1, description="tasks whose statistics make the subspaces; default: tasks + pool_tasks"
     )
+    official_pool: list[str] | None = Field(
+        None, min_length=1, description="the pool of osrm-official's subspaces; default: pool"
+    )
 
     @field_validator("samples_per_task")
     @classmethod
@@ -193,7 +197,7 @@ class StatisticsConfig(_Strict):
             raise ValueError(f"give one positive int or a list of distinct positive ints, got {value!r}")
         return value
 
-    @field_validator("pool")
+    @field_validator("pool", "official_pool")
     @classmethod
     def _unique_pool(cls, pool: list[str] | None) -> list[str] | None:
         if pool is not None and _repeated(pool):
@@ -462,11 +466,14 @@ class ExperimentConfig(_Strict):
         pool_names = [t.name for t in self.pool_tasks]
         if _repeated(self.task_names + pool_names):
             raise ValueError(f"pool_tasks repeat task names: {_repeated(self.task_names + pool_names)}")
-        if self.statistics.pool is not None:
-            unknown = [t for t in self.statistics.pool if t not in self.task_names + pool_names]
-            unused = [t for t in pool_names if t not in self.statistics.pool]
+        pools = {key: getattr(self.statistics, key) for key in ("pool", "official_pool")}
+        for key, pool in pools.items():
+            unknown = [t for t in pool or [] if t not in self.task_names + pool_names]
             if unknown:
-                raise ValueError(f"statistics.pool names {unknown}, which are neither in tasks nor in pool_tasks")
+                raise ValueError(f"statistics.{key} names {unknown}, which are neither in tasks nor in pool_tasks")
+        if self.statistics.pool is not None:
+            used = self.statistics.pool + (self.statistics.official_pool or [])
+            unused = [t for t in pool_names if t not in used]
             if unused:
                 raise ValueError(f"pool_tasks {unused} are not in statistics.pool {self.statistics.pool}")
         labels = [run.label for run in self.init_runs]
@@ -511,6 +518,10 @@ class ExperimentConfig(_Strict):
     def pool(self) -> list[str]:
         """The tasks whose statistics make the subspaces."""
         return self.statistics.pool or self.task_names + [t.name for t in self.pool_tasks]
+
+    def pool_for(self, variant: str) -> list[str]:
+        """The pool of one subspace variant: `statistics.official_pool` for the official code's, else `pool`."""
+        return (self.statistics.official_pool or self.pool) if variant == "official" else self.pool
 
     def task_entry(self, name: str) -> TaskConfig:
         """The entry of a merged task or of a pool-only task."""

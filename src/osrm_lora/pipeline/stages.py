@@ -130,7 +130,7 @@ class StatsStage(Stage):
         c = ctx.config
         keys = [StatsKey(t) for t in c.task_names] if StatsStage.reference_wanted(ctx) else []
         for variant, sizes in _subspace_sizes(ctx).items():
-            keys += [StatsKey(t, _samples_tag(ctx, n), variant == OFFICIAL) for n in sizes for t in c.pool]
+            keys += [StatsKey(t, _samples_tag(ctx, n), variant == OFFICIAL) for n in sizes for t in c.pool_for(variant)]
         for run in c.init_runs:
             if _needs_moments(run.name):
                 keys += _moment_keys(ctx, run.samples)
@@ -184,13 +184,13 @@ class SubspacesStage(Stage):
         for variant, sizes in _subspace_sizes(ctx).items():
             for n in sizes:
                 tag = _samples_tag(ctx, n)
-                stats = [StatsKey(t, tag, variant == OFFICIAL) for t in c.pool]
+                stats = [StatsKey(t, tag, variant == OFFICIAL) for t in c.pool_for(variant)]
                 inputs = {
                     "stats": {k.name: upstream["stats"][k] for k in stats},
                     "rank": c.lora.r,
                     "options": self.options(ctx, variant),
                 }
-                if c.pool != c.task_names:
+                if c.pool_for(variant) != c.task_names:
                     inputs["tasks"] = c.task_names
                 outputs = [ctx.layout.subspace(variant, t, tag) for t in c.task_names]
                 yield Unit(SubspaceKey(variant, tag), inputs, outputs)
@@ -203,7 +203,7 @@ class SubspacesStage(Stage):
         c = ctx.config
         ctx.log(f"OSRM subspaces ({key.variant}" + (f", {key.samples} examples)" if key.samples else ")"))
         padded = key.variant == OFFICIAL
-        stats = [TaskStats.load(ctx.layout.stats(t, key.samples, padded)) for t in c.pool]
+        stats = [TaskStats.load(ctx.layout.stats(t, key.samples, padded)) for t in c.pool_for(key.variant)]
         if padded:
             subspaces = official_subspaces(stats, c.lora.r, tasks=c.task_names)
         else:
