@@ -266,21 +266,32 @@ def test_train_interrupted_says_how_to_resume(world, tmp_path, monkeypatch):
     assert "the same command with --resume" in result.plain
 
 
-def test_a_warning_is_one_line_and_the_previous_handler_comes_back(monkeypatch):
-    """Warnings print as `warning: …` (no source line); outside a command Python's handler is untouched."""
-    import warnings
+def test_a_warning_is_one_line_and_the_previous_format_comes_back():
+    """Warnings print as `warning: …` (no source line); outside a command Python's format is untouched. Run in a
+    fresh interpreter, since pytest records warnings instead of printing them."""
+    import subprocess
+    import sys
+    import textwrap
 
-    import osrm_lora.tasks
+    code = textwrap.dedent("""
+        import warnings
+        import osrm_lora.tasks
+        from typer.testing import CliRunner
+        from osrm_lora.cli import app
 
-    def warn_then_list(glue_dir):
-        warnings.warn("statistics of 1 example: the subspace is not determined by the data", UserWarning)
-        return []
+        def warn_then_list(glue_dir):
+            warnings.warn("statistics of 1 example: the subspace is not determined by the data", UserWarning)
+            return []
 
-    monkeypatch.setattr(osrm_lora.tasks, "list_tasks", warn_then_list)
-    before = warnings.showwarning
-    result = invoke("data", "list", "--json")
-    assert result.exit_code == 0, result.output
-    lines = [line for line in result.output.splitlines() if "warning" in line]
-    assert lines == ["warning: statistics of 1 example: the subspace is not determined by the data"], result.output
-    assert "warnings.warn" not in result.output
-    assert warnings.showwarning is before
+        osrm_lora.tasks.list_tasks = warn_then_list
+        before = warnings.formatwarning
+        result = CliRunner().invoke(app, ["data", "list", "--json"])
+        assert result.exit_code == 0, result.output
+        assert warnings.formatwarning is before
+        print(result.output)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "warning" in line]
+    assert lines == ["warning: statistics of 1 example: the subspace is not determined by the data"], done.stdout
+    assert "warnings.warn" not in done.stdout

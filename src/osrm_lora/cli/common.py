@@ -50,7 +50,7 @@ class ReportErrors(TyperGroup):
     """
 
     def invoke(self, ctx: Any) -> Any:
-        shown, warnings.showwarning = warnings.showwarning, _one_line_warning
+        formatted, warnings.formatwarning = warnings.formatwarning, _one_line_warning
         try:
             return super().invoke(ctx)
         except (OsrmLoraError, OSError) as exc:
@@ -64,12 +64,13 @@ class ReportErrors(TyperGroup):
 
             fail(format_validation_error(exc, exc.title))
         finally:
-            warnings.showwarning = shown
+            warnings.formatwarning = formatted
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning as one `warning: …` line on stderr, like errors, not Python's two lines with the source."""
-    err.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one `warning: …` line, like errors, not Python's two lines with the source. Only the format
+    changes, so whatever records warnings (pytest.warns, logging.captureWarnings) still sees them."""
+    return f"warning: {message}\n"
 
 
 def quiet_libraries() -> None:
