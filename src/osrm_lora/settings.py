@@ -22,6 +22,8 @@ Relative paths (output folder, task data files) are relative to the experiment f
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -705,6 +707,8 @@ def _value(source: str, key: str, value: Any, number: bool = False) -> Any:
         raise _merge_error(source, key, "one value, not a per-layer gradient or filter list (not supported)")
     if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise _merge_error(source, key, f"a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _merge_error(source, key, f"a finite number, got {value!r}")
     return value
 
 
