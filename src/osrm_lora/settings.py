@@ -23,7 +23,6 @@ Relative paths (output folder, task data files) are relative to the experiment f
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
