@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import EntryNotFoundError
 from peft import LoraConfig, PeftConfig
 from peft.utils import load_peft_weights
 from peft.utils.other import get_pattern_key
@@ -179,13 +178,10 @@ class LoraAdapter:
 
 def split_hub_id(source: str) -> tuple[str, str | None]:
     """`user/repo` or `user/repo@revision` -> (repo id, revision or None); anything else is an OsrmFileError."""
+    from .hub import is_repo_id
+
     repo, at, revision = source.partition("@")
-    try:
-        validate_repo_id(repo)
-        valid = repo.count("/") == 1 and (revision or not at)
-    except HFValidationError:
-        valid = False
-    if not valid:
+    if not is_repo_id(repo) or (at and not revision):
         raise OsrmFileError(f"{source}: no such adapter folder, and not a Hub id user/repo[@revision]")
     return repo, revision or None
 

@@ -28,13 +28,22 @@ class HubError(OsrmLoraError):
     """A Hub repository or file that cannot be named, read or written; the message names it."""
 
 
+def _valid_name(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def is_repo_id(name: str | None) -> bool:
+    """`user/repo` as the Hub accepts it: one slash, valid characters (the one check of a repository id)."""
+    return bool(name) and name.count("/") == 1 and _valid_name(name)
+
+
 def check_repo_id(repo_id: str, option: str = "--push-to-hub") -> str:
     """`user/repo`, checked before any work is done (a typo must not cost a training run)."""
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise HubError(f"{option} {repo_id!r}: not a Hub repository id user/repo ({exc})") from None
-    if repo_id.count("/") != 1:
+    if not is_repo_id(repo_id):
         raise HubError(f"{option} {repo_id!r}: not a Hub repository id user/repo")
     return repo_id
 
@@ -88,13 +97,8 @@ class Card:
 
 
 def _is_hub_id(name: str | None) -> bool:
-    if not name or Path(name).exists() or name.count("/") > 1:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    """A model id the Hub knows (`user/repo`, or a legacy id without a namespace) that is not a local path."""
+    return bool(name) and name.count("/") <= 1 and not Path(name).exists() and _valid_name(name)
 
 
 def _number(value: Any) -> str:
