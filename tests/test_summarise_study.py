@@ -1,0 +1,125 @@
+"""bench/summarise_study.py: the study's decision rule on constructed per-seed scores, checked against t-intervals
+computed here with scipy, and the summary rebuilt from chunk files alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("summarise_study", BENCH / "summarise_study.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+TASKS = ["sst2", "qnli"]
+SEEDS = [0, 1, 2, 3, 4]
+NOISE = np.random.default_rng(0).normal(size=(10, len(SEEDS)))
+# Merged report averages per init and seed (fractions): random-orthonormal sits 3 points above kaiming,
+# osrm 5 above random-orthonormal, osrm-official on it (±0.3), osrm-reg 1 above it with a 5-point spread.
+KAIMING = 0.70 + 0.01 * NOISE[0]
+CONTROL = KAIMING + 0.03 + 0.002 * NOISE[1]
+MERGED = {
+    "kaiming": KAIMING, "random-orthonormal": CONTROL, "osrm": CONTROL + 0.05 + 0.003 * NOISE[2],
+    "osrm-official": CONTROL + 0.003 * NOISE[3], "osrm-reg": CONTROL + 0.01 + 0.05 * NOISE[4],
+    "gaussian": KAIMING, "task-orthogonal": KAIMING, "osrm-contrast": KAIMING, "osrm-project": KAIMING,
+}
+
+
+def t_interval(values):
+    values = np.asarray(values)
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return values.mean() - half, values.mean() + half
+
+
+def chunk(study, seed: int, group: str) -> dict:
+    inits = [i for i in study.GROUPS[group] if group == "A" or i != "kaiming"]
+    individual = [{"init": i, "seed": seed, "task": t, "score": 0.8, "metrics": {"accuracy": 0.8},
+                   "primary_metric": "accuracy", "examples": 1000} for i in inits for t in TASKS]
+    selection = []
+    for i in inits:
+        average = float(MERGED[i][seed])
+        curve = [{"lambda": lam, "select_average": average, "report_average": average - 0.01 * lam,
+                  "select": {}, "report": {}} for lam in (0.5, 1.0)]
+        selection.append({"init": i, "method": "task_arithmetic", "seed": seed, "curve": curve,
+                          "selected": {"lambda": 0.5, "average": average, "scores": dict.fromkeys(TASKS, average)}})
+    return {"format": study.CHUNK_FORMAT, "seed": seed, "group": group, "inits": inits, "device": "cpu",
+            "precision": "fp32", "machine": {"cpu": "test", "cores": 2, "torch": "x"},
+            "compute": {"wall_minutes": 1.0, "cpu_minutes": 2.0, "max_rss_gb": 1.0},
+            "experiment": {"name": "study", "model": "builtin:minilm"}, "tasks": TASKS,
+            "methods": ["task_arithmetic"], "fixed_lambda": {"task_arithmetic": 1.0}, "evaluation": {},
+            "primary_metrics": dict.fromkeys(TASKS, "accuracy"), "forecast": {}, "individual": individual,
+            "merged": [], "selection": selection, "interference": [], "diagnostics": [], "modes": []}
+
+
+@pytest.fixture()
+def folder(study, tmp_path):
+    for seed in SEEDS:
+        for group in "AB":
+            (tmp_path / f"seed{seed}_{group}.json").write_text(json.dumps(chunk(study, seed, group)))
+    return tmp_path
+
+
+def test_the_rule_gives_each_constructed_case_its_verdict(study, folder):
+    _, results = study.load_chunks(folder)
+    scores = study.per_seed_scores(results)
+    verdicts = {c: study.decide(scores, c, "task_arithmetic") for c in ("osrm", "osrm-official", "osrm-reg")}
+    assert verdicts["osrm"]["verdict"] == "real"
+    assert verdicts["osrm-official"]["verdict"] == "scale artefact"
+    assert verdicts["osrm-reg"]["verdict"] == "undecided at n = 5"
+    low, high = t_interval(MERGED["osrm-reg"] - CONTROL)
+    assert verdicts["osrm-reg"]["vs_control"]["low"] == pytest.approx(low)
+    assert verdicts["osrm-reg"]["vs_control"]["high"] == pytest.approx(high)
+    assert verdicts["osrm"]["vs_reference"]["mean"] == pytest.approx(np.mean(MERGED["osrm"] - KAIMING))
+
+
+def test_a_single_task_loss_over_one_point_blocks_a_real_gain(study, folder):
+    _, results = study.load_chunks(folder)
+    scores = study.per_seed_scores(results)
+    scores[("osrm", "individual")] = {s: v - 0.015 for s, v in scores[("osrm", "individual")].items()}
+    assert study.decide(scores, "osrm", "task_arithmetic")["verdict"].startswith("undecided")
+
+
+def test_seeds_to_decide_is_the_first_n_whose_interval_decides(study):
+    def decides(n, mean, sd):
+        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+        return (mean >= 0.02 and mean - half > 0) or abs(mean) + half <= 0.02
+
+    for mean, sd in ((0.03, 0.04), (0.005, 0.02), (-0.01, 0.01)):
+        n = study.seeds_to_decide(mean, sd)
+        assert decides(n, mean, sd) and not any(decides(k, mean, sd) for k in range(2, n))
+    assert study.seeds_to_decide(0.0199, 0.01) is None  # within ±2 points only past 10,000 seeds
+    assert study.seeds_to_decide(0.021, math.nan) is None
+
+
+def test_summary_is_rebuilt_from_the_chunk_files_alone(study, folder):
+    text = study.summarise(folder, folder / "study.md")
+    assert (folder / "study.md").read_text() == text
+    assert "osrm, task_arithmetic: the gain is real" in text
+    assert (folder / "plots" / "lambda_group_a.png").stat().st_size > 0
+    decisions = json.loads((folder / "decisions.json").read_text())["decisions"]
+    assert {d["candidate"] for d in decisions} == set(study.CANDIDATES)
+
+
+def test_time_log_minutes(study, tmp_path):
+    log = tmp_path / "time.log"
+    log.write_text("\tUser time (seconds): 90.0\n\tSystem time (seconds): 30.0\n"
+                   "\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02:30\n"
+                   "\tMaximum resident set size (kbytes): 2097152\n")
+    assert study.parse_time_log(log) == {"wall_minutes": 62.5, "cpu_minutes": 2.0, "max_rss_gb": 2.0}
