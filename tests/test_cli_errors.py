@@ -295,3 +295,19 @@ def test_a_warning_is_one_line_and_the_previous_format_comes_back():
     lines = [line for line in done.stdout.splitlines() if "warning" in line]
     assert lines == ["warning: statistics of 1 example: the subspace is not determined by the data"], done.stdout
     assert "warnings.warn" not in done.stdout
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["merge", "a", "b", "--lambda", "nan"], "osrm-lora merge: Invalid value for '--lambda': nan is not a finite number"),
+    (["merge", "a", "b", "--bogus"], "osrm-lora merge: No such option: --bogus"),
+    (["nosuch"], "osrm-lora: No such command 'nosuch'"),
+    (["--bogus"], "osrm-lora: No such option: --bogus"),
+])
+def test_usage_errors_are_one_line_too(args, expected):
+    line = error_line(*args)
+    assert expected in line and line.endswith("--help')"), line
+
+
+def test_a_command_without_arguments_still_shows_its_help():
+    result = invoke("data")
+    assert result.exit_code == 2 and "Usage: osrm-lora data" in result.plain and "error:" not in result.plain

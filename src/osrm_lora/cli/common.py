@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer ≥ 0.29 vendors click: its errors
 from typer.core import TyperGroup
 
 from ..errors import OsrmLoraError
@@ -45,14 +46,27 @@ class ReportErrors(TyperGroup):
     """The one place that turns a user's mistake into `error: …` and exit code 2, for every command.
 
     Catches `OsrmLoraError` (every domain error), pydantic's `ValidationError` (an option model validated
-    directly) and `OSError` (a file or model that cannot be read or written). Anything else is a bug and
+    directly), `OSError` (a file or model that cannot be read or written) and click's usage errors (a bad
+    option value, an unknown option: one line too, not click's boxed panel). Anything else is a bug and
     keeps its traceback.
     """
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as exc:  # an option of `osrm-lora` itself
+            _usage_error(exc, info_name or "osrm-lora")
 
     def invoke(self, ctx: Any) -> Any:
         formatted, warnings.formatwarning = warnings.formatwarning, _one_line_warning
         try:
             return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise  # a command given no arguments shows its help, as before
+        except UsageError as exc:
+            _usage_error(exc, ctx.command_path)
         except (OsrmLoraError, OSError) as exc:
             fail(str(exc))
         except Exception as exc:
@@ -65,6 +79,11 @@ class ReportErrors(TyperGroup):
             fail(format_validation_error(exc, exc.title))
         finally:
             warnings.formatwarning = formatted
+
+
+def _usage_error(exc: UsageError, command_path: str) -> NoReturn:
+    path = exc.ctx.command_path if exc.ctx is not None else command_path
+    fail(f"{path}: {exc.format_message()} (see '{path} --help')")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
