@@ -13,7 +13,7 @@ from pipeline_helpers import write_tiny_model
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from osrm_lora.checkpoints import KEEP, checkpoint_problem, resumable_checkpoint
+from osrm_lora.checkpoints import KEEP, _checkpoint_problem, resumable_checkpoint
 from osrm_lora.errors import TrainingError
 from osrm_lora.tasks import Task, TaskSpec
 from osrm_lora.train import finetune
@@ -95,12 +95,12 @@ def test_at_most_two_checkpoints_are_kept(task, model_dir, tmp_path):
 def test_incomplete_checkpoints_are_skipped_and_removed_by_the_main_process(task, model_dir, tmp_path):
     _interrupted_run(task, model_dir, tmp_path / "out", step=4)
     partial = tmp_path / "out.partial"
-    assert checkpoint_problem(partial / "checkpoint-4") is None
+    assert _checkpoint_problem(partial / "checkpoint-4") is None
     (partial / "checkpoint-4" / "scheduler.pt").unlink()
-    assert checkpoint_problem(partial / "checkpoint-4") == "missing scheduler.pt"
+    assert _checkpoint_problem(partial / "checkpoint-4") == "missing scheduler.pt"
     optimizer = partial / "checkpoint-2" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
-    assert "optimizer.pt unreadable" in checkpoint_problem(partial / "checkpoint-2")
+    assert "optimizer.pt unreadable" in _checkpoint_problem(partial / "checkpoint-2")
     assert resumable_checkpoint(partial) is None and (partial / "checkpoint-4").is_dir()  # only skipped
     assert resumable_checkpoint(partial, remove_incomplete=True) is None
     assert not list(partial.glob("checkpoint-*"))

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from osrm_lora.adapters import LoraAdapter
 from osrm_lora.io import recorded_kind
 from osrm_lora.pipeline.layout import Layout
-from osrm_lora.pipeline.runner import claim_experiment_dir
+from osrm_lora.pipeline.runner import _claim_experiment_dir
 from osrm_lora.settings import load_experiment
 from osrm_lora.stats import TaskStats
 
@@ -215,6 +215,6 @@ def test_an_experiment_folder_of_an_earlier_version_is_reused(world, tmp_path):
     (out.root / "manifests" / "train").mkdir(parents=True)  # what a version before the markers left
     out.config.write_text("{}")
     (out.root / "adapters").mkdir()
-    claim_experiment_dir(config, out)
+    _claim_experiment_dir(config, out)
     assert recorded_kind(out.root) == "experiment" and (out.root / "adapters").is_dir()
 

@@ -11,7 +11,7 @@ import torch
 from helpers_core import anisotropic_inputs, stats_from_inputs
 
 from osrm_lora.adapters import LoraAdapter, LoraFactors
-from osrm_lora.diagnostics import coordinate_mass, diagnose, row_basis
+from osrm_lora.diagnostics import _coordinate_mass, _row_basis, diagnose
 from osrm_lora.errors import AdapterError
 from osrm_lora.interference import interference_matrix
 from osrm_lora.subspace import compute_subspaces
@@ -117,9 +117,9 @@ def test_osrm_init_captures_what_the_subspace_says_and_known_cases():
     # exact cases: a coordinate selection has mass 1, rows orthogonal to each other overlap 0
     selection = torch.zeros(3, 8)
     selection[[0, 1, 2], [5, 1, 7]] = torch.tensor([1.0, -2.0, 0.5])
-    assert coordinate_mass(selection) == pytest.approx(1.0)
-    assert coordinate_mass(torch.ones(2, 8)) == pytest.approx(0.25)
-    assert row_basis(torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])).shape == (1, 3)
+    assert _coordinate_mass(selection) == pytest.approx(1.0)
+    assert _coordinate_mass(torch.ones(2, 8)) == pytest.approx(0.25)
+    assert _row_basis(torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])).shape == (1, 3)
 
 
 def test_refuses_mismatched_base_weights_and_initial_factors():

@@ -272,7 +272,7 @@ def test_two_process_train_command_equals_one_process_at_the_same_global_batch(t
         assert expected, key
         for history in histories:
             torch.testing.assert_close(_logged(history, key), expected, rtol=1e-4, atol=1e-6, msg=key)
-    want = train.lora_state(single.model)
+    want = train._lora_state(single.model)
     for r in (0, 1):
         got = load_file(str(logs / f"cli_lora_rank{r}.safetensors"))
         assert got.keys() == want.keys()
@@ -298,6 +298,6 @@ def test_gradient_accumulation_equals_the_larger_batch(train_inputs, tmp_path):
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(_logged(runs[1].history, key), _logged(runs[0].history, key), rtol=1e-4,
                                    atol=1e-6, msg=key)
-    want = train.lora_state(runs[0].model)
-    for key, value in train.lora_state(runs[1].model).items():
+    want = train._lora_state(runs[0].model)
+    for key, value in train._lora_state(runs[1].model).items():
         torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-5, msg=key)

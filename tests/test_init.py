@@ -24,7 +24,7 @@ from osrm_lora.inits import (
 from osrm_lora.inits import registry as init_registry
 from osrm_lora.inits.scales import ScaleOptions, row_scale
 from osrm_lora.modules import find_target_modules, in_out_features
-from osrm_lora.stats import StatsMismatchError, model_config_hash
+from osrm_lora.stats import StatsMismatchError, _model_config_hash
 from osrm_lora.subspace import OFFICIAL, VARIANTS, SubspaceMismatchError, compute_subspaces
 
 
@@ -50,7 +50,7 @@ def subspaces_for(model, targets, rank=4, **options):
             d_in = in_out_features(layer)[0]
             key = (name.rsplit(".", 1)[0], d_in)  # modules of one block see one input
             inputs[name] = by_dim.setdefault(key, anisotropic_inputs(50, d_in, seed + 7 * len(by_dim)))
-        stats.append(stats_from_inputs(task, inputs, model="tiny", config_hash=model_config_hash(model)))
+        stats.append(stats_from_inputs(task, inputs, model="tiny", config_hash=_model_config_hash(model)))
     return compute_subspaces(stats, rank, **options)
 
 
@@ -192,7 +192,7 @@ def test_scales_match_the_expected_norm_of_peft_baselines(scale, peft_init):
     assert np.mean([float(A.square().sum()) for A in norms]) == pytest.approx(expected, rel=0.03)
 
     model = OneLinear(d, 8)
-    stats = [stats_from_inputs(t, {"proj": anisotropic_inputs(80, d, i)}, config_hash=model_config_hash(model))
+    stats = [stats_from_inputs(t, {"proj": anisotropic_inputs(80, d, i)}, config_hash=_model_config_hash(model))
              for i, t in enumerate("ab")]
     sub = compute_subspaces(stats, r)["a"]
     plain = osrm_init(get_peft_model(OneLinear(d, 8), LoraConfig(r=r, target_modules=["proj"])), sub)

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification
 
 from osrm_lora.inits import InitContext, get_init
-from osrm_lora.inits.controls_tensors import haar_rows, random_orthonormal_rows, task_orthogonal_rows
+from osrm_lora.inits.controls_tensors import _haar_rows, _random_orthonormal_rows, _task_orthogonal_rows
 from osrm_lora.inits.scales import row_scale
 
 TASKS = ("a", "b", "c")
@@ -42,12 +42,12 @@ def init_A(init: str, context: InitContext, r: int = 4, hidden: int = 24, **opti
 
 def test_haar_rows_are_orthonormal_and_unbiased():
     g = torch.Generator().manual_seed(0)
-    draws = haar_rows(torch.randn(4000, 6, 2, generator=g, dtype=torch.float64))
+    draws = _haar_rows(torch.randn(4000, 6, 2, generator=g, dtype=torch.float64))
     torch.testing.assert_close(draws @ draws.mT, torch.eye(2, dtype=torch.float64).expand(4000, 2, 2))
     # Haar: E[AᵀA] = (r/d)·I and E[A] = 0 (a QR without the sign fix would bias the first column)
     torch.testing.assert_close((draws.mT @ draws).mean(0), torch.eye(6, dtype=torch.float64) / 3, atol=0.02, rtol=0)
     assert float(draws.mean(0).abs().max()) < 0.03
-    torch.testing.assert_close(haar_rows(draws.mT[0] * 2), draws[0])  # orthogonal rows are kept, signs too
+    torch.testing.assert_close(_haar_rows(draws.mT[0] * 2), draws[0])  # orthogonal rows are kept, signs too
 
 
 def test_random_orthonormal_rows_are_orthonormal_and_fresh_per_task_and_seed():
@@ -95,12 +95,12 @@ def test_task_orthogonal_rows_are_mutually_orthogonal_across_tasks():
 
 
 def test_task_orthogonal_rows_do_not_depend_on_how_many_tasks_follow():
-    first_of_two = task_orthogonal_rows(0, "m", 1, 3, 10)
-    first_of_three = task_orthogonal_rows(0, "m", 1, 3, 10)
+    first_of_two = _task_orthogonal_rows(0, "m", 1, 3, 10)
+    first_of_three = _task_orthogonal_rows(0, "m", 1, 3, 10)
     torch.testing.assert_close(first_of_two, first_of_three)
-    basis = torch.cat([task_orthogonal_rows(0, "m", i, 3, 10) for i in range(3)])
+    basis = torch.cat([_task_orthogonal_rows(0, "m", i, 3, 10) for i in range(3)])
     torch.testing.assert_close(basis @ basis.T, torch.eye(9, dtype=torch.float64), atol=1e-9, rtol=0)
-    assert not torch.allclose(random_orthonormal_rows(0, "a", "m", 3, 10), task_orthogonal_rows(0, "m", 0, 3, 10))
+    assert not torch.allclose(_random_orthonormal_rows(0, "a", "m", 3, 10), _task_orthogonal_rows(0, "m", 0, 3, 10))
 
 
 def test_task_orthogonal_refuses_too_many_rows_and_an_unknown_task():

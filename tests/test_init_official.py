@@ -13,11 +13,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
-from osrm_lora.diagnostics import coordinate_mass
-from osrm_lora.inits.official_tensors import official_sample, official_stats, padded_examples
+from osrm_lora.diagnostics import _coordinate_mass
+from osrm_lora.inits.official_tensors import _official_sample, _padded_examples, official_stats
 from osrm_lora.modules import find_target_modules
-from osrm_lora.stats import model_config_hash
-from osrm_lora.subspace import official_null_space, official_subspaces
+from osrm_lora.stats import _model_config_hash
+from osrm_lora.subspace import _official_null_space, official_subspaces
 from osrm_lora.tasks import Task, TaskSpec
 
 WORDS = [f"w{i}" for i in range(20)]
@@ -98,13 +98,13 @@ def test_official_subspaces_match_the_transcription(tasks, with_eos, caplog):
     with caplog.at_level(logging.INFO, logger="osrm_lora.inits.official_tensors"):
         stats = [official_stats(tasks[t], model, tok, targets, samples=N, seed=3, max_length=L) for t in TASKS]
     assert ("has no eos token" in caplog.text) is not with_eos
-    texts = {t: list(official_sample(tasks[t].split("train"), N, 3)["text"]) for t in TASKS}
+    texts = {t: list(_official_sample(tasks[t].split("train"), N, 3)["text"]) for t in TASKS}
     assert any(len(x.split()) > L - 2 for v in texts.values() for x in v)  # left truncation is exercised
     expected = transcription(model, tok, texts, targets)
     subspaces = official_subspaces(stats, R)
     for t in TASKS:
         assert subspaces[t].variant == "official" and subspaces[t].others == [u for u in TASKS if u != t]
-        assert subspaces[t].config_hash == model_config_hash(model)
+        assert subspaces[t].config_hash == _model_config_hash(model)
         for name, rows in expected[t].items():
             torch.testing.assert_close(subspaces[t].A[name], rows, atol=2e-5, rtol=0)
             torch.testing.assert_close(rows @ rows.T, torch.eye(R), atol=1e-5, rtol=0)
@@ -114,7 +114,7 @@ def test_official_subspaces_match_the_transcription(tasks, with_eos, caplog):
 def test_padding_is_eos_on_the_right_and_counted(tasks):
     tok = tokenizer(with_eos=True)
     data = tasks["a"].split("train").select(range(3))
-    batches = padded_examples(data, tok, tasks["a"].spec, L)
+    batches = _padded_examples(data, tok, tasks["a"].spec, L)
     assert len(batches) == 3 and all(b["input_ids"].shape == (1, L) for b in batches)
     for b in batches:
         n = int(b["attention_mask"].sum())
@@ -128,9 +128,9 @@ def test_padding_is_eos_on_the_right_and_counted(tasks):
 
 def test_the_sample_is_a_seeded_shuffle(tasks):
     data = tasks["b"].split("train")
-    first, again, other = (list(official_sample(data, 10, s)["text"]) for s in (0, 0, 1))
+    first, again, other = (list(_official_sample(data, 10, s)["text"]) for s in (0, 0, 1))
     assert first == again and first != other and len(first) == 10
-    assert len(official_sample(data, 100, 0)) == len(data)
+    assert len(_official_sample(data, 100, 0)) == len(data)
 
 
 def test_householder_completion_puts_the_rows_on_the_last_coordinates():
@@ -139,9 +139,9 @@ def test_householder_completion_puts_the_rows_on_the_last_coordinates():
     rng = np.random.default_rng(0)
     d, k, r = 384, 7, 8  # MiniLM's width, the other 7 GLUE tasks, rank 8
     for _ in range(3):
-        rows, _ = official_null_space(torch.tensor(rng.standard_normal((k, d))), r)
+        rows, _ = _official_null_space(torch.tensor(rng.standard_normal((k, d))), r)
         last = (rows[:, -r:].double().square().sum(1) / rows.double().square().sum(1))
         assert float(last.min()) > 0.93 and float(last.mean()) > 0.96
-        assert coordinate_mass(rows) == pytest.approx(float(rows[:, -r:].square().sum() / rows.square().sum()),
+        assert _coordinate_mass(rows) == pytest.approx(float(rows[:, -r:].square().sum() / rows.square().sum()),
                                                       rel=1e-6)  # its r largest coordinates are the last r
         np.testing.assert_allclose(rows.double().numpy() @ rows.double().numpy().T, np.eye(r), atol=1e-5)

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from osrm_lora.adapters import LoraAdapter, LoraFactors
 from osrm_lora.inits import osrm_init
-from osrm_lora.interference import interference_matrix, output_energy
+from osrm_lora.interference import _output_energy, interference_matrix
 from osrm_lora.stats import StatsMismatchError
 from osrm_lora.subspace import compute_subspaces
 
@@ -50,7 +50,7 @@ def test_matches_brute_force_over_the_sample_rows():
     np.testing.assert_array_equal(np.diag(result.matrix), np.ones(3))
     for m, e in brute.items():
         np.testing.assert_allclose(result.per_module[m], e / np.diag(e)[:, None], rtol=1e-6)
-        energy = output_energy(adapters["b"].modules[m], stats["a"].moment(m))
+        energy = _output_energy(adapters["b"].modules[m], stats["a"].moment(m))
         assert energy == pytest.approx(e[0, 1], rel=1e-6)
     assert not np.allclose(result.matrix, 1.0)  # the check above compares genuinely different ratios
 

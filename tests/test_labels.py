@@ -14,7 +14,7 @@ import yaml
 
 from osrm_lora.settings import TASK_OPTIONS, ConfigError, parse_experiment
 from osrm_lora.tasks import TaskError, get_task
-from osrm_lora.tasks.registry import task_options
+from osrm_lora.tasks.registry import _task_options
 
 
 def _jsonl(path, labels):
@@ -83,4 +83,4 @@ def test_a_misspelt_key_of_a_task_entry_is_refused_when_the_experiment_is_read()
 
 
 def test_the_experiment_schema_lists_exactly_the_options_get_task_takes():
-    assert TASK_OPTIONS == task_options()
+    assert TASK_OPTIONS == _task_options()

@@ -25,9 +25,9 @@ from osrm_lora.merge import (
 from osrm_lora.merge import inputs as merge_inputs
 from osrm_lora.merge import registry as merge_registry
 from osrm_lora.merge import types as merge_types
-from osrm_lora.merge.methods.dare import module_seed
-from osrm_lora.merge.methods.emr import elect_unified, rescaler_sums, rescalers
-from osrm_lora.merge.methods.ties import magnitude_threshold
+from osrm_lora.merge.methods.dare import _module_seed
+from osrm_lora.merge.methods.emr import _elect_unified, _rescaler_sums, _rescalers
+from osrm_lora.merge.methods.ties import _magnitude_threshold
 from osrm_lora.merge.types import ModuleInputs
 
 ATOL = 1e-4
@@ -82,7 +82,7 @@ def test_magnitude_threshold_is_the_kth_largest_magnitude(dtype):
     values[5] = 0.0
     for keep in (1, 2, 700, 2500, 5002, 5003):
         expected = np.sort(np.abs(values.double().numpy()))[::-1][keep - 1]
-        assert float(magnitude_threshold(values, keep)) == expected
+        assert float(_magnitude_threshold(values, keep)) == expected
 
 
 def test_ties_row_blocks_match_peft(monkeypatch):
@@ -104,7 +104,7 @@ def test_dare_matches_peft_with_the_same_seeded_masks(combine, peft_fn):
     adapters = random_adapters(3)
     weights, p, seed = [1.0, 0.5, 2.0], 0.6, 7
     for m in merge_adapters(adapters, "dare", drop_rate=p, combine=combine, weights=weights, seed=seed):
-        torch.manual_seed(module_seed(seed, m.name))
+        torch.manual_seed(_module_seed(seed, m.name))
         ref = peft_fn(torch_deltas(adapters, m.name), torch.tensor(weights), 1 - p)
         np.testing.assert_allclose(m.dense().numpy(), ref.numpy(), atol=ATOL)
 
@@ -118,7 +118,7 @@ def test_dare_is_deterministic_per_seed_and_module():
         np.testing.assert_array_equal(first[name], again[name])
         assert not np.allclose(first[name], other[name])
     # Masks depend on the module, not on the order modules are processed in.
-    assert module_seed(3, "layer.0.q") != module_seed(3, "layer.0.v")
+    assert _module_seed(3, "layer.0.q") != _module_seed(3, "layer.0.v")
 
 
 def test_dare_is_unbiased_over_seeds():
@@ -277,11 +277,11 @@ def _identity_adapters(matrices_by_module: dict[str, list]) -> list[LoraAdapter]
 def test_emr_worked_example():
     # Sum = [[-1, 2], [4, 1]] -> elected signs [[-, +], [+, +]]; unified = sign * max agreeing |τ|.
     stacked = torch.tensor(WORKED)
-    unified, masks = elect_unified(stacked)
+    unified, masks = _elect_unified(stacked)
     torch.testing.assert_close(unified, torch.tensor([[-4.0, 3.0], [3.0, 1.0]]))
     torch.testing.assert_close(masks, torch.tensor([[[0, 0], [1, 1]], [[0, 1], [0, 0]], [[1, 1], [1, 1]]]).bool())
     # λ_1 = (1+2+3+.5)/(3+1), λ_2 = (2+1+1+.5)/3, λ_3 = (4+3+2+1)/(4+3+3+1)
-    scales = rescalers(rescaler_sums(stacked, unified, masks))
+    scales = _rescalers(_rescaler_sums(stacked, unified, masks))
     torch.testing.assert_close(scales, torch.tensor([6.5 / 4, 4.5 / 3, 10 / 11], dtype=torch.float64))
     merged = next(iter(merge_adapters(_identity_adapters({"m": WORKED}), "emr")))
     torch.testing.assert_close(merged.for_task("t1"), 1.5 * torch.tensor([[0.0, 3.0], [0.0, 0.0]]))
@@ -291,14 +291,14 @@ def test_emr_model_scope_rescalers_sum_over_modules():
     second = [[[0.5, 0.5], [-1.0, 2.0]], [[-3.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, -2.0]]]
     adapters = _identity_adapters({"a": WORKED, "b": second})
     stacks = {"a": torch.tensor(WORKED), "b": torch.tensor(second)}
-    sums = sum(rescaler_sums(s, *elect_unified(s)) for s in stacks.values())
-    expected = rescalers(sums)
+    sums = sum(_rescaler_sums(s, *_elect_unified(s)) for s in stacks.values())
+    expected = _rescalers(sums)
     by_module = {m.name: m for m in merge_adapters(adapters, "emr")}
     for i in range(3):
         assert by_module["a"].task_scales[f"t{i}"] == pytest.approx(float(expected[i]))
         assert by_module["b"].task_scales[f"t{i}"] == pytest.approx(float(expected[i]))
     local = {m.name: m for m in merge_adapters(adapters, "emr", rescale_scope="module")}
-    own = rescalers(rescaler_sums(stacks["b"], *elect_unified(stacks["b"])))
+    own = _rescalers(_rescaler_sums(stacks["b"], *_elect_unified(stacks["b"])))
     assert local["b"].task_scales["t0"] == pytest.approx(float(own[0]))
 
 
@@ -309,13 +309,13 @@ def test_emr_row_blocks_match_the_whole_updates(monkeypatch, scope):
     adapters = [random_adapter(f"task{i}", seed=30 + i, rank=3, shapes=shapes) for i in range(3)]
     monkeypatch.setattr(merge_types, "BLOCK_ELEMENTS", 2 * 3 * 10)
     stacks = {name: torch.from_numpy(np.stack(dense_deltas(adapters, name))).float() for name in shapes}
-    whole = {name: elect_unified(stack) for name, stack in stacks.items()}
-    sums = {name: rescaler_sums(stacks[name], *whole[name]) for name in shapes}
+    whole = {name: _elect_unified(stack) for name, stack in stacks.items()}
+    sums = {name: _rescaler_sums(stacks[name], *whole[name]) for name in shapes}
     for m in merge_adapters(adapters, "emr", rescale_scope=scope):
         unified, masks = whole[m.name]
         torch.testing.assert_close(m.delta, unified, atol=ATOL, rtol=0)
         assert all(torch.equal(m.task_masks[a.name], masks[i]) for i, a in enumerate(adapters))
-        expected = rescalers(sum(sums.values()) if scope == "model" else sums[m.name])
+        expected = _rescalers(sum(sums.values()) if scope == "model" else sums[m.name])
         assert [m.task_scales[a.name] for a in adapters] == pytest.approx(expected.tolist(), rel=1e-5)
 
 

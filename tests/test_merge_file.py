@@ -13,7 +13,7 @@ from test_cli import _adapter, _error_line, invoke
 
 from osrm_lora.adapters import LoraAdapter
 from osrm_lora.merge import merge_adapters, save_adapter
-from osrm_lora.settings import ConfigError, parse_merge_file
+from osrm_lora.settings import ConfigError, _parse_merge_file
 
 
 def _file(method: str, *models: dict, **extra) -> dict:
@@ -41,7 +41,7 @@ def _entry(model: str, **parameters) -> dict:
 )
 def test_mergekit_methods_and_parameters_map_onto_registered_methods(method, parameters, want_method,
                                                                      want_params):
-    recipe = parse_merge_file(_file(method, _entry("a", weight=3.0), _entry("b", weight=1.0),
+    recipe = _parse_merge_file(_file(method, _entry("a", weight=3.0), _entry("b", weight=1.0),
                                     parameters=parameters))
     assert (recipe.method, recipe.written_method, recipe.adapters) == (want_method, method, ["a", "b"])
     assert recipe.params.keys() == want_params.keys()
@@ -52,7 +52,7 @@ def test_mergekit_methods_and_parameters_map_onto_registered_methods(method, par
 def test_weights_default_globally_and_the_base_model_entry_is_skipped():
     data = _file("task_arithmetic", _entry("base"), _entry("a"), _entry("b", weight=2.0), base_model="base",
                  parameters={"weight": 0.5})
-    recipe = parse_merge_file(data)
+    recipe = _parse_merge_file(data)
     assert recipe.adapters == ["a", "b"] and recipe.params == {"weights": [0.5, 2.0]}
     assert recipe.base_model == "base"
 
@@ -92,7 +92,7 @@ def test_weights_default_globally_and_the_base_model_entry_is_skipped():
 )
 def test_bad_merge_files_are_refused_naming_the_key(data, key, words):
     with pytest.raises(ConfigError) as caught:
-        parse_merge_file(data, "merge.yaml")
+        _parse_merge_file(data, "merge.yaml")
     message = str(caught.value)
     assert message.startswith(f"merge.yaml: {key}"), message
     assert words in message, message

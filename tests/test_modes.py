@@ -21,7 +21,7 @@ from test_train import FAST, SPEC, _sentences
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from osrm_lora.errors import RegistryError
-from osrm_lora.forecast import contrast_rows, module_forecast, null_dimension, starves, summarise
+from osrm_lora.forecast import _starves, contrast_rows, module_forecast, null_dimension, summarise
 from osrm_lora.inits import get_init, list_inits
 from osrm_lora.moments import task_moments
 from osrm_lora.pipeline import run_experiment
@@ -96,9 +96,9 @@ def test_contrast_rows_find_the_task_where_osrm_starves_it():
     own, others = own_x.T @ own_x / 2000, shared.T @ shared / 2000
     osrm_rows = torch.linalg.eigh(others)[1][:, :1].T
     forecast = module_forecast(osrm_rows, others, own)
-    assert starves(**forecast["osrm"])
+    assert _starves(**forecast["osrm"])
     contrast = forecast["contrast"]
-    assert contrast["own"] > 10 * forecast["osrm"]["own"] and not starves(contrast["own"], contrast["others"])
+    assert contrast["own"] > 10 * forecast["osrm"]["own"] and not _starves(contrast["own"], contrast["others"])
     rows, _ = contrast_rows(own, others, 1)
     assert abs(float(rows[0, 3])) > 0.95  # sampling noise mixes in a little of the rest
 
@@ -116,8 +116,8 @@ def test_forecast_matches_its_definition_and_says_when_osrm_starves_the_task():
     assert f["osrm"]["own"] == pytest.approx(float(torch.trace(rows @ own @ rows.T) / torch.trace(own)) / iso)
     assert f["osrm"]["others"] == pytest.approx(float(torch.trace(rows @ others @ rows.T) / torch.trace(others)) / iso)
     same = module_forecast(rows, others, others)  # the task's inputs are the others': own = others
-    assert same["osrm"]["own"] == pytest.approx(same["osrm"]["others"]) and starves(**same["osrm"])
-    assert not starves(own=3.0, others=0.1)
+    assert same["osrm"]["own"] == pytest.approx(same["osrm"]["others"]) and _starves(**same["osrm"])
+    assert not _starves(own=3.0, others=0.1)
     assert module_forecast(rows, others, None) == {"isotropic_share": iso, "osrm": {"others": f["osrm"]["others"]}}
 
 

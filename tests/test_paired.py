@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from osrm_lora.paired import bootstrap_interval, paired_difference, t_interval, verdict_text
+from osrm_lora.paired import _bootstrap_interval, paired_difference, t_interval, verdict_text
 
 
 def test_t_interval_matches_scipy_and_the_closed_form():
@@ -61,10 +61,10 @@ def test_refuses_non_finite_and_unpaired_input_naming_init_and_method():
 def test_bootstrap_of_constant_differences_is_exact():
     # every example differs by the same amount within a seed and all seeds agree: no spread to resample
     diffs = [[np.full(20, 0.25), np.full(3, -0.05)] for _ in range(4)]  # both ways of resampling
-    assert bootstrap_interval(diffs, resamples=500) == pytest.approx((0.1, 0.1), abs=1e-12)
+    assert _bootstrap_interval(diffs, resamples=500) == pytest.approx((0.1, 0.1), abs=1e-12)
     # seeds differ, examples do not: the replicate is the mean of n seeds drawn with replacement
     diffs = [[np.full(5, 0.0)], [np.full(5, 1.0)]]
-    low, high = bootstrap_interval(diffs, resamples=4000, seed=1)
+    low, high = _bootstrap_interval(diffs, resamples=4000, seed=1)
     assert (low, high) == (0.0, 1.0)  # P(both draws = seed 0) = 1/4 > 2.5 %
 
 
@@ -97,7 +97,7 @@ def test_bootstrap_matches_the_enumerated_distribution():
     for q, v in ((0.025, q_low), (0.975, q_high)):
         i = support.index(v)
         assert (cdf[i - 1] if i else 0.0) + 0.005 < q < cdf[i] - 0.005
-    assert bootstrap_interval(diffs, resamples=40000, seed=3) == pytest.approx((q_low, q_high), abs=1e-9)
+    assert _bootstrap_interval(diffs, resamples=40000, seed=3) == pytest.approx((q_low, q_high), abs=1e-9)
 
 
 def test_bootstrap_spread_matches_its_closed_form_variance():
@@ -108,12 +108,12 @@ def test_bootstrap_spread_matches_its_closed_form_variance():
     seed_means = np.array([np.mean([d.mean() for d in tasks]) for tasks in diffs])
     within = np.mean([sum(d.var() / d.size for d in tasks) / len(tasks) ** 2 for tasks in diffs])
     sd = math.sqrt((seed_means.var() + within) / len(diffs))
-    low, high = bootstrap_interval(diffs, resamples=20000, seed=0)
+    low, high = _bootstrap_interval(diffs, resamples=20000, seed=0)
     # near-normal replicates: the 95 % percentile interval is about mean ± 1.96 sd
     assert (high - low) / (2 * 1.96 * sd) == pytest.approx(1.0, abs=0.05)
-    low, high = bootstrap_interval(diffs, level=0.5, resamples=20000, seed=0)  # the tails are skewed, the middle not
+    low, high = _bootstrap_interval(diffs, level=0.5, resamples=20000, seed=0)  # the tails are skewed, the middle not
     assert (low + high) / 2 == pytest.approx(seed_means.mean(), abs=0.1 * sd)
-    assert bootstrap_interval(diffs, resamples=300, seed=2) == bootstrap_interval(diffs, resamples=300, seed=2)
+    assert _bootstrap_interval(diffs, resamples=300, seed=2) == _bootstrap_interval(diffs, resamples=300, seed=2)
 
 
 def test_paired_difference_with_examples_and_the_verdict():

@@ -23,7 +23,7 @@ from pipeline_helpers import write_tasks, write_tiny_model
 from safetensors.torch import load_file
 
 from osrm_lora import adapters as adapters_module
-from osrm_lora.adapters import LoraAdapter, split_hub_id
+from osrm_lora.adapters import LoraAdapter, _split_hub_id
 from osrm_lora.errors import MergeError
 from osrm_lora.evaluate import EvaluationModel
 from osrm_lora.io import OsrmFileError
@@ -152,12 +152,12 @@ def test_a_merged_adapter_with_a_head_reloads_as_an_adapter(trained, tmp_path):
 
 
 def test_hub_ids_split_off_their_revision():
-    assert split_hub_id("user/repo") == ("user/repo", None)
-    assert split_hub_id("user/repo@v1.0") == ("user/repo", "v1.0")
-    assert split_hub_id("user/repo@refs/pr/3") == ("user/repo", "refs/pr/3")
+    assert _split_hub_id("user/repo") == ("user/repo", None)
+    assert _split_hub_id("user/repo@v1.0") == ("user/repo", "v1.0")
+    assert _split_hub_id("user/repo@refs/pr/3") == ("user/repo", "refs/pr/3")
     for bad in ("repo", "a/b/c", "user/repo@", "/no/such/folder", "user/re po"):
         with pytest.raises(OsrmFileError, match="no such adapter folder, and not a Hub id"):
-            split_hub_id(bad)
+            _split_hub_id(bad)
 
 
 def test_hub_ids_go_through_peft_with_their_revision(trained, monkeypatch):

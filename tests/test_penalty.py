@@ -20,9 +20,9 @@ from osrm_lora.inits.osrm_tensors import _lora_layers
 from osrm_lora.moments import task_moments
 from osrm_lora.penalty import InterferencePenalty
 from osrm_lora.runtime.models import load_model_and_tokenizer
-from osrm_lora.stats import TaskStats, model_config_hash
+from osrm_lora.stats import TaskStats, _model_config_hash
 from osrm_lora.tasks import Task
-from osrm_lora.train import finetune, lora_state
+from osrm_lora.train import _lora_state, finetune
 
 WORKER = Path(__file__).parent / "dist_scripts" / "reg_worker.py"
 
@@ -140,7 +140,7 @@ def random_stats(model_dir: str, task: str, seed: int) -> TaskStats:
         for proj in ("query", "value"):
             name = f"bert.encoder.layer.{layer}.attention.self.{proj}"
             second[name], first[name] = x.T @ x, x.sum(0)
-    return TaskStats(task, model_dir, model_config_hash(model), second, first, tokens=300)
+    return TaskStats(task, model_dir, _model_config_hash(model), second, first, tokens=300)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_logged_loss_is_task_loss_plus_mu_penalty_and_mu_lowers_the_penalty(task
 def test_penalty_counts_once_per_optimizer_step_under_gradient_accumulation(task, bert_dir, other, tmp_path):
     one = _train(task, bert_dir, other, tmp_path / "one", options={"mu": 50.0}, batch_size=8)
     accumulated = _train(task, bert_dir, other, tmp_path / "acc", options={"mu": 50.0}, batch_size=4, grad_accum=2)
-    want, got = lora_state(one.model), lora_state(accumulated.model)
+    want, got = _lora_state(one.model), _lora_state(accumulated.model)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
 
@@ -215,7 +215,7 @@ def test_two_process_training_adds_the_penalty_once(bert_dir, other, tmp_path):
     single = finetune(task, bert_dir, tmp_path / "single", init="osrm-reg", init_options={"mu": 50.0},
                       other_stats=[other], seed=5, lora={"r": 2, "dropout": 0.0},
                       training={**FAST, "lr": 2e-2, "epochs": 1, "batch_size": 8})
-    want = lora_state(single.model)
+    want = _lora_state(single.model)
     for r in (0, 1):
         got = load_file(str(logs / f"lora_rank{r}.safetensors"))
         for key, value in want.items():

@@ -342,7 +342,7 @@ def test_statistics_pool_sample_sizes_and_init_entries(model_dir, tmp_path):
     assert official.others == ["sentiment", "extra"] and official.variant == "official"
     meta = json.loads((out / "adapters" / "osrm-k-n8" / "seed0" / "sentiment" / "osrm_lora.json").read_text())
     assert meta["init"] == "osrm" and meta["init_options"] == {"scale": "kaiming"}
-    assert meta["subspace"]["fingerprint"] == train_module.subspace_fingerprint(cov)
+    assert meta["subspace"]["fingerprint"] == train_module._subspace_fingerprint(cov)
     manifest = json.loads((out / "manifests" / "train" / "task-orthogonal" / "seed0" / "topic.json").read_text())
     assert manifest["inputs"]["merged_tasks"] == TASKS and "init_options" not in manifest["inputs"]
 
@@ -491,7 +491,7 @@ def test_content_digest_ignores_safetensors_metadata_order(tmp_path):
     from safetensors.torch import save_file
 
     from osrm_lora.io import load_tensors, sha256_file
-    from osrm_lora.pipeline.cache import content_digest
+    from osrm_lora.pipeline.cache import _content_digest
 
     tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}
     save_file(tensors, str(tmp_path / "x.safetensors"), metadata={f"k{i}": str(i) for i in range(8)})
@@ -503,11 +503,11 @@ def test_content_digest_ignores_safetensors_metadata_order(tmp_path):
     (tmp_path / "y.safetensors").write_bytes(raw[:8] + text + raw[8 + size :])
     assert load_tensors(tmp_path / "y.safetensors")[1] == load_tensors(tmp_path / "x.safetensors")[1]
     assert sha256_file(tmp_path / "x.safetensors") != sha256_file(tmp_path / "y.safetensors")
-    assert content_digest(tmp_path / "x.safetensors") == content_digest(tmp_path / "y.safetensors")
+    assert _content_digest(tmp_path / "x.safetensors") == _content_digest(tmp_path / "y.safetensors")
     save_file(
         {**tensors, "b": torch.zeros(4)}, str(tmp_path / "z.safetensors"), metadata=header["__metadata__"]
     )
-    assert content_digest(tmp_path / "z.safetensors") != content_digest(tmp_path / "x.safetensors")
+    assert _content_digest(tmp_path / "z.safetensors") != _content_digest(tmp_path / "x.safetensors")
 
 
 def test_cache_produces_only_the_pending_units_of_a_batch(tmp_path):
@@ -542,21 +542,21 @@ def test_cache_produces_only_the_pending_units_of_a_batch(tmp_path):
 
 def test_stages_run_in_dependency_order_under_the_settings_names():
     """The CLI validates --force against `settings.STAGES` (no torch); the pipeline's stage classes match it."""
-    from osrm_lora.pipeline.runner import dependency_order
+    from osrm_lora.pipeline.runner import _dependency_order
     from osrm_lora.pipeline.stages import STAGES, Stage
     from osrm_lora.settings import STAGES as NAMES
 
-    assert [s.name for s in dependency_order(STAGES)] == list(NAMES)
+    assert [s.name for s in _dependency_order(STAGES)] == list(NAMES)
 
     def stage(name, needs=()):
         return type(name, (Stage,), {"name": name, "needs": needs})()
 
     a, b, c = stage("a", ("c",)), stage("b"), stage("c", ("b",))
-    assert [s.name for s in dependency_order([a, b, c])] == ["b", "c", "a"]
+    assert [s.name for s in _dependency_order([a, b, c])] == ["b", "c", "a"]
     with pytest.raises(ValueError, match="need each other"):
-        dependency_order([stage("x", ("y",)), stage("y", ("x",))])
+        _dependency_order([stage("x", ("y",)), stage("y", ("x",))])
     with pytest.raises(ValueError, match="unknown stage"):
-        dependency_order([stage("x", ("z",))])
+        _dependency_order([stage("x", ("z",))])
 
 
 # ---------------------------------------------------------------------------------------------- configs

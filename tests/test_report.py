@@ -13,8 +13,8 @@ from scipy import stats
 from osrm_lora.report import (
     RESULTS_FORMAT,
     ResultsError,
+    _diagnostics_rows,
     best_lambda_table,
-    diagnostics_rows,
     fixed_lambda_table,
     selected_lambda_table,
     table_markdown,
@@ -319,7 +319,7 @@ def test_paired_differences_are_per_seed_differences_with_t_intervals(results, t
 
 
 def test_diagnostics_summary_averages_adapters_and_seeds(results, tmp_path):
-    rows = {row["init"]: row for row in diagnostics_rows(results)}
+    rows = {row["init"]: row for row in _diagnostics_rows(results)}
     assert list(rows) == INITS
     for init, row in rows.items():
         records = [d for d in results["diagnostics"] if d["init"] == init]

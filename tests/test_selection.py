@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from osrm_lora.selection import best_lambda, choose_lambda
+from osrm_lora.selection import _best_lambda, choose_lambda
 from osrm_lora.tasks.sampling import select_report_indices
 
 LABELS = np.array([0] * 700 + [1] * 250 + [2] * 50)
@@ -61,12 +61,12 @@ def test_lambda_is_chosen_on_select_alone():
 
 
 def test_ties_methods_without_lambda_and_malformed_curves():
-    assert best_lambda({1.0: {"a": 0.5}, 0.5: {"a": 0.5}}) == 0.5
+    assert _best_lambda({1.0: {"a": 0.5}, 0.5: {"a": 0.5}}) == 0.5
     choice = choose_lambda({None: {"a": 0.5}}, {None: {"a": 0.4}})
     assert choice.lam is None and choice.oracle_lam is None and choice.report_average == 0.4
     with pytest.raises(ValueError, match="different λ"):
         choose_lambda({0.5: {"a": 0.5}}, {1.0: {"a": 0.5}})
     with pytest.raises(ValueError, match=r"select curve, λ=1.0: tasks \['a'\] differ"):
-        best_lambda({0.5: {"a": 0.5, "b": 0.1}, 1.0: {"a": 0.5}})
+        _best_lambda({0.5: {"a": 0.5, "b": 0.1}, 1.0: {"a": 0.5}})
     with pytest.raises(ValueError, match=r"report curve, λ=0.5: non-finite scores for tasks \['a'\]"):
         choose_lambda({0.5: {"a": 0.5}}, {0.5: {"a": float("nan")}})

@@ -33,7 +33,7 @@ from transformers import (
 from osrm_lora.errors import MergeError
 from osrm_lora.io import OsrmFileError
 from osrm_lora.merge import apply_to_model, merge_adapters, merge_checkpoint_sharded, save_merged_model
-from osrm_lora.merge.sharded import plan_shards, read_header
+from osrm_lora.merge.sharded import _plan_shards, _read_header
 
 PEAK_SCRIPT = Path(__file__).parent / "dist_scripts" / "sharded_peak.py"
 
@@ -61,7 +61,7 @@ def _llama_adapters(model: LlamaForCausalLM, count: int = 2, rank: int = 3) -> l
 
 def _shard_bytes(folder: Path) -> dict[str, int]:
     """Tensor bytes per weight file, from the headers."""
-    return {p.name: sum(e.nbytes for e in read_header(p)) for p in sorted(folder.glob("*.safetensors"))}
+    return {p.name: sum(e.nbytes for e in _read_header(p)) for p in sorted(folder.glob("*.safetensors"))}
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +219,8 @@ def test_non_safetensors_checkpoint_is_refused(tmp_path):
 
 
 def test_headers_and_shard_plans_agree_with_the_files(tmp_path):
-    """read_header against the raw JSON header (offsets give the storage order) and the loaded tensors, for
-    several dtypes and a 0-d tensor; plan_shards (meta tensors) against huggingface_hub on the real ones."""
+    """_read_header against the raw JSON header (offsets give the storage order) and the loaded tensors, for
+    several dtypes and a 0-d tensor; _plan_shards (meta tensors) against huggingface_hub on the real ones."""
     g = torch.Generator().manual_seed(0)
     tensors = {"w": torch.randn(40, 30, generator=g), "half": torch.randn(7, 9, generator=g).bfloat16(),
                "fp8": torch.randn(16, 16, generator=g).to(torch.float8_e4m3fn), "ids": torch.arange(50),
@@ -230,7 +230,7 @@ def test_headers_and_shard_plans_agree_with_the_files(tmp_path):
     raw = path.read_bytes()
     (size,) = struct.unpack("<Q", raw[:8])
     header = {k: v for k, v in json.loads(raw[8:8 + size]).items() if k != "__metadata__"}
-    entries = read_header(path)
+    entries = _read_header(path)
     assert [e.name for e in entries] == sorted(header, key=lambda k: header[k]["data_offsets"][0])
     for e in entries:
         start, end = header[e.name]["data_offsets"]
@@ -239,17 +239,17 @@ def test_headers_and_shard_plans_agree_with_the_files(tmp_path):
 
     ordered = {e.name: load_file(str(path))[e.name] for e in entries}
     for limit in (1000, "3KB", 10**6):
-        plan = plan_shards(entries, limit)
+        plan = _plan_shards(entries, limit)
         expected = split_torch_state_dict_into_shards(ordered, max_shard_size=limit)
         assert plan.filename_to_tensors == expected.filename_to_tensors
         assert plan.metadata == expected.metadata
     with pytest.raises(MergeError, match=r"max_shard_size='2GiB'"):
-        plan_shards(entries, "2GiB")
+        _plan_shards(entries, "2GiB")
     with pytest.raises(MergeError, match="max_shard_size must be positive"):
-        plan_shards(entries, 0)
+        _plan_shards(entries, 0)
     (tmp_path / "cut.safetensors").write_bytes(raw[:size])
     with pytest.raises(OsrmFileError, match=r"cut\.safetensors: not a readable safetensors file"):
-        read_header(tmp_path / "cut.safetensors")
+        _read_header(tmp_path / "cut.safetensors")
 
 
 def test_peak_memory_stays_near_one_shard(tmp_path):

@@ -369,6 +369,6 @@ def test_collected_sums_that_are_no_second_moment_are_refused(monkeypatch):
         second.sub_(x.T @ x)
         first.add_(x.sum(0))
 
-    monkeypatch.setattr(stats_module, "add_input_sums_", subtract)
+    monkeypatch.setattr(stats_module, "_add_input_sums_", subtract)
     with pytest.raises(StatsError, match=r"statistics of task 'sst2', modules .*query.*: Σ x xᵀ is negative"):
         collect_stats(tiny_bert(), make_batches(3), ["query", "key"], task="sst2")

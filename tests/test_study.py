@@ -197,7 +197,7 @@ def test_diagnostics_are_the_library_on_the_saved_adapters_and_initial_A(study, 
     from transformers import AutoModelForSequenceClassification
 
     from osrm_lora.adapters import LoraAdapter
-    from osrm_lora.diagnostics import diagnose, retention
+    from osrm_lora.diagnostics import _retention, diagnose
     from osrm_lora.io import load_tensors
     from osrm_lora.stats import TaskStats
     from osrm_lora.subspace import Subspace
@@ -226,7 +226,7 @@ def test_diagnostics_are_the_library_on_the_saved_adapters_and_initial_A(study, 
             for t in TASKS:
                 subspace = Subspace.load(out / "subspaces" / "cov" / f"{t}.safetensors")
                 for m, A0 in initial[t].items():
-                    assert retention(A0, subspace.A[m]) == pytest.approx(1.0)
+                    assert _retention(A0, subspace.A[m]) == pytest.approx(1.0)
     report = (out / "report.md").read_text()
     assert "## Adapter diagnostics" in report and "A retention" in report
 

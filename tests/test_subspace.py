@@ -11,8 +11,8 @@ from osrm_lora.io import OsrmFileError
 from osrm_lora.stats import StatsMismatchError
 from osrm_lora.subspace import (
     Subspace,
+    _mean_null_space,
     compute_subspaces,
-    mean_null_space,
     others_moments,
     smallest_eigvecs,
     subspace_from_others,
@@ -172,7 +172,7 @@ def test_mean_variant_fills_with_smallest_singular_directions_and_warns():
             if other.task != s.task:
                 assert (A[:4] @ inputs["l2.q"].mean(0)).abs().max() < 1e-6
     means = torch.stack([inputs["l2.q"].mean(0) for _, inputs in made[1:]])
-    rows, values, null_dim = mean_null_space(means, 5)
+    rows, values, null_dim = _mean_null_space(means, 5)
     assert int(null_dim) == 4
     np.testing.assert_allclose(values[-2:].numpy(), np.sort(np.linalg.svd(means.numpy())[1] ** 2), rtol=1e-9)
     assert (rows[4] @ means.T).abs().max() > 1e-3  # the filled row is not in the null space

@@ -61,7 +61,7 @@ def index(tmp_path, monkeypatch):
         shutil.copy(source, dest / dist.filename)
         return dest / dist.filename
 
-    monkeypatch.setattr(fetch, "download_distribution", download)
+    monkeypatch.setattr(fetch, "_download_distribution", download)
     return folder, downloads
 
 

@@ -29,10 +29,10 @@ from transformers import (
 
 from osrm_lora.runtime.models import load_model_and_tokenizer
 from osrm_lora.settings import LoraSettings, TrainingSettings
-from osrm_lora.stats import TaskStats, model_config_hash
+from osrm_lora.stats import TaskStats, _model_config_hash
 from osrm_lora.subspace import subspace_from_others
 from osrm_lora.tasks import Task, TaskSpec
-from osrm_lora.train import finetune, resolve_precision, start_regression_head_at_mean
+from osrm_lora.train import _resolve_precision, _start_regression_head_at_mean, finetune
 
 FILLERS = [f"w{i}" for i in range(16)]
 WORDS = ["good", "bad", *FILLERS]
@@ -134,7 +134,7 @@ def other_stats(bert_dir):
         for proj in ("query", "value"):
             name = f"bert.encoder.layer.{layer}.attention.self.{proj}"
             second[name], first[name] = s, f
-    return [TaskStats("other", bert_dir, model_config_hash(model), second, first, tokens=200)]
+    return [TaskStats("other", bert_dir, _model_config_hash(model), second, first, tokens=200)]
 
 
 class Snapshot(TrainerCallback):
@@ -295,7 +295,7 @@ def test_saved_folder_reloads_on_a_fresh_base_with_identical_logits(task, bert_d
     assert meta["task"] == "sentiment" and meta["seed"] == 3 and meta["init"] == init
     assert meta["target_modules"] == ["query", "value"]
     assert meta["dev_metrics"] == result.metrics and "accuracy" in meta["dev_metrics"]
-    assert meta["config_hash"] == model_config_hash(base)
+    assert meta["config_hash"] == _model_config_hash(base)
     if init == "olora":  # converted to a plain LoRA on the unmodified base: ΔW = BA − B₀A₀ has rank 2r
         assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
 
@@ -345,11 +345,11 @@ def test_regression_task_trains_a_single_output(bert_dir, tmp_path):
 
 def test_regression_head_bias_starts_at_mean_label_only_where_there_is_a_bias(decoder_dirs, bert_dir):
     bert, _ = load_model_and_tokenizer(bert_dir, REG_SPEC)
-    assert start_regression_head_at_mean(bert, [1.0, 2.0, 6.0]) == pytest.approx(3.0)
+    assert _start_regression_head_at_mean(bert, [1.0, 2.0, 6.0]) == pytest.approx(3.0)
     assert torch.equal(bert.classifier.bias, torch.tensor([3.0]))
     llama, _ = load_model_and_tokenizer(decoder_dirs["llama"], REG_SPEC)  # `score` has no bias
     before = llama.score.weight.clone()
-    assert start_regression_head_at_mean(llama, [1.0, 2.0]) is None
+    assert _start_regression_head_at_mean(llama, [1.0, 2.0]) is None
     assert torch.equal(llama.score.weight, before)
 
 
@@ -394,8 +394,8 @@ def test_settings_errors_name_the_field():
     with pytest.raises(ValidationError, match="keep_best"):
         TrainingSettings(keep_best=True, eval_each_epoch=False)
     with pytest.raises(ValueError, match="precision='bf16'"):
-        resolve_precision("bf16", cuda=False)
-    assert resolve_precision("auto", cuda=False) == "fp32"
+        _resolve_precision("bf16", cuda=False)
+    assert _resolve_precision("auto", cuda=False) == "fp32"
 
 
 def test_init_arguments_are_checked(task, bert_dir, other_stats, tmp_path):

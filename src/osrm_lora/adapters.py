@@ -100,7 +100,7 @@ class LoraAdapter:
             record = _read_record(path)
             default_name = path.name
         else:
-            repo, revision = split_hub_id(str(source))
+            repo, revision = _split_hub_id(str(source))
             try:
                 config = LoraConfig.from_pretrained(repo, revision=revision)
                 tensors = load_peft_weights(repo, device="cpu", revision=revision)
@@ -176,7 +176,7 @@ class LoraAdapter:
         return {m: f.delta() for m, f in self.modules.items()}
 
 
-def split_hub_id(source: str) -> tuple[str, str | None]:
+def _split_hub_id(source: str) -> tuple[str, str | None]:
     """`user/repo` or `user/repo@revision` -> (repo id, revision or None); anything else is an OsrmFileError."""
     from .hub import is_repo_id
 

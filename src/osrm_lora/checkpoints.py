@@ -27,7 +27,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _LOADED_PICKLES = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$")
 
 
-def checkpoint_problem(folder: Path) -> str | None:
+def _checkpoint_problem(folder: Path) -> str | None:
     """Why the Trainer could not resume from `folder` (a file missing, truncated or unreadable), or None.
 
     The files the Trainer loads are read as it reads them (safetensors headers, JSON, `torch.load` with
@@ -72,7 +72,7 @@ def resumable_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> str 
         (int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()
     )
     for _, folder in reversed(steps):
-        problem = checkpoint_problem(folder)
+        problem = _checkpoint_problem(folder)
         if problem is None:
             return str(folder)
         logger.warning("%s is incomplete (%s), probably interrupted while saving; %s", folder, problem,

@@ -36,41 +36,41 @@ from .subspace import captured_energy, others_moments, shared_input_groups, task
 PER_MODULE = ("delta_norm", "retention", "captured_init", "captured_trained", "coordinate_mass")
 
 
-def delta_norm(factors: LoraFactors) -> float:
+def _delta_norm(factors: LoraFactors) -> float:
     """``‖s B A‖_F = |s| √tr((BᵀB)(A Aᵀ))``: no dense out×in update is formed."""
     A, B = factors.A.double(), factors.B.double()
     return abs(factors.scale) * math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
 
 
-def row_basis(A: torch.Tensor) -> torch.Tensor:
+def _row_basis(A: torch.Tensor) -> torch.Tensor:
     """Orthonormal rows (k×d, float64) spanning A's row space; k is A's numerical rank."""
     _, s, vh = torch.linalg.svd(A.double(), full_matrices=False)
     tol = (s.max() if s.numel() else 0.0) * max(A.shape) * torch.finfo(torch.float64).eps
     return vh[s > tol]
 
 
-def retention(A: torch.Tensor, A0: torch.Tensor) -> float:
+def _retention(A: torch.Tensor, A0: torch.Tensor) -> float:
     """``‖A P₀ᵀ‖²_F / ‖A‖²_F`` with P₀ a basis of A0's rows; NaN for A = 0."""
     A = A.double()
     total = float(A.square().sum())
-    return float((A @ row_basis(A0).T).square().sum()) / total if total > 0 else math.nan
+    return float((A @ _row_basis(A0).T).square().sum()) / total if total > 0 else math.nan
 
 
-def coordinate_mass(A: torch.Tensor) -> float:
+def _coordinate_mass(A: torch.Tensor) -> float:
     """Share of ‖A‖²_F on the r (= rows of A) input coordinates with the largest column energy."""
     columns = A.double().square().sum(0)
     total = float(columns.sum())
     return float(columns.topk(min(A.shape[0], columns.numel())).values.sum()) / total if total > 0 else math.nan
 
 
-def overlap(A_i: torch.Tensor, A_j: torch.Tensor) -> float:
+def _overlap(A_i: torch.Tensor, A_j: torch.Tensor) -> float:
     """``‖A_i A_jᵀ‖²_F / (‖A_i‖²_F ‖A_j‖²_F)``; NaN when either is 0."""
     a, b = A_i.double(), A_j.double()
     norms = float(a.square().sum() * b.square().sum())
     return float((a @ b.T).square().sum()) / norms if norms > 0 else math.nan
 
 
-def base_energy(W0: torch.Tensor, moment: torch.Tensor) -> float:
+def _base_energy(W0: torch.Tensor, moment: torch.Tensor) -> float:
     """``E‖W₀ x‖² = tr(W₀ M W₀ᵀ)`` for ``M = E[x xᵀ]`` (W₀ out×in)."""
     W = W0.to(device=moment.device, dtype=torch.float64)
     return float(((W @ moment) * W).sum())
@@ -156,13 +156,13 @@ def _module_values(
             for m in group:
                 A = adapters[t].modules[m].A
                 A0 = initial[t][m] if initial is not None else None
-                base[i] += base_energy(base_weights[m], moments[i])
+                base[i] += _base_energy(base_weights[m], moments[i])
                 values[t][m] = {
-                    "delta_norm": delta_norm(adapters[t].modules[m]),
-                    "retention": retention(A, A0) if A0 is not None else None,
-                    "captured_init": float(captured_energy(row_basis(A0), sigma)) if A0 is not None else None,
-                    "captured_trained": float(captured_energy(row_basis(A), sigma)),
-                    "coordinate_mass": coordinate_mass(A),
+                    "delta_norm": _delta_norm(adapters[t].modules[m]),
+                    "retention": _retention(A, A0) if A0 is not None else None,
+                    "captured_init": float(captured_energy(_row_basis(A0), sigma)) if A0 is not None else None,
+                    "captured_trained": float(captured_energy(_row_basis(A), sigma)),
+                    "coordinate_mass": _coordinate_mass(A),
                 }
     return values, base
 
@@ -197,7 +197,7 @@ def diagnose(
     values, base = _module_values(adapters, initial, stats, base_weights, modules, weighting)
     with np.errstate(divide="ignore", invalid="ignore"):
         absolute = np.where(base[:, None] > 0, interference.energy / np.where(base > 0, base, 1.0)[:, None], np.nan)
-    pair = np.array([[statistics.fmean(overlap(adapters[a].modules[m].A, adapters[b].modules[m].A)
+    pair = np.array([[statistics.fmean(_overlap(adapters[a].modules[m].A, adapters[b].modules[m].A)
                                        for m in modules) for b in tasks] for a in tasks])
     return Diagnostics(tasks=tasks, adapters={t: _summary(t, values[t]) for t in tasks},
                        absolute_interference=absolute, interference_ratio=interference.matrix, overlap=pair)

@@ -45,7 +45,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
         raise RuntimeError(f"{_WORLD_ENV}={world} but this torch build has no torch.distributed support")
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(_local_rank())
     dist.init_process_group(
         backend=backend or ("nccl" if cuda else "gloo"), timeout=datetime.timedelta(seconds=timeout_s)
     )
@@ -62,7 +62,7 @@ def world_size() -> int:
     return dist.get_world_size() if _initialised() else int(os.environ.get(_WORLD_ENV, "1"))
 
 
-def local_rank() -> int:
+def _local_rank() -> int:
     """This process's index on its node (which GPU it drives)."""
     return int(os.environ.get(_LOCAL_RANK_ENV, "0"))
 
@@ -93,7 +93,7 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
 
 def model_device() -> torch.device:
     """Where this rank's model runs: its GPU under torchrun on CUDA, the GPU or CPU otherwise."""
-    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", _local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def collect_task_stats(
@@ -131,7 +131,7 @@ def collect_task_stats(
     the model type's query and value projections. `extra` adds entries to the saved `stats.extra` (which
     already records the split, seed, sample size and max_length). `overwrite` and `inputs` are
     `TaskStats.save`'s: what `out_path` may replace.
-    Long only for its many documented keyword arguments: the body is a short sequence of steps.
+    Long because of its many documented keyword arguments; the body (40 lines) is a short sequence of steps.
     """
     from .modules import default_target_modules
 

@@ -23,7 +23,7 @@ CONTRAST_EPS = 1e-2  # default ε of osrm-contrast: Σ₋ᵢ floored at 1% of it
 STARVES_RATIO = 2.0  # the task's share must exceed the others' by this factor for the subspace to favour it
 
 
-def isotropic_floor(sigma: torch.Tensor, eps: float) -> torch.Tensor:
+def _isotropic_floor(sigma: torch.Tensor, eps: float) -> torch.Tensor:
     """``Σ + ε·(tr Σ / d)·I``: Σ with every eigenvalue raised by ε times its mean (positive definite)."""
     d = sigma.shape[-1]
     shift = eps * sigma.diagonal(dim1=-2, dim2=-1).sum(-1) / d
@@ -41,7 +41,7 @@ def contrast_rows(own: torch.Tensor, others: torch.Tensor, r: int, eps: float = 
     """
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"contrast ε must be finite and > 0, got {eps!r}")
-    L = torch.linalg.cholesky(isotropic_floor(others.double(), eps))
+    L = torch.linalg.cholesky(_isotropic_floor(others.double(), eps))
     left = torch.linalg.solve_triangular(L, own.double(), upper=False)  # L⁻¹ M
     whitened = torch.linalg.solve_triangular(L, left.transpose(-1, -2), upper=False)  # L⁻¹ M L⁻ᵀ
     values, vectors = torch.linalg.eigh((whitened + whitened.transpose(-1, -2)) / 2)
@@ -86,7 +86,7 @@ def module_forecast(rows: torch.Tensor, others: torch.Tensor, own: torch.Tensor 
     return record
 
 
-def starves(own: float, others: float) -> bool:
+def _starves(own: float, others: float) -> bool:
     """Whether a subspace gives the task's inputs no clearly larger share than the other tasks' inputs."""
     return own < STARVES_RATIO * others
 
@@ -107,7 +107,7 @@ def summarise(diagnostics: dict[str, dict]) -> dict | None:
                      "eps": records[0]["contrast"]["eps"]},
         "others_null_dim": max(int(s.get("others_null_dim", 0)) for s in diagnostics.values()),
     }
-    summary["starves"] = starves(summary["osrm"]["own"], summary["osrm"]["others"])
+    summary["starves"] = _starves(summary["osrm"]["own"], summary["osrm"]["others"])
     return summary
 
 

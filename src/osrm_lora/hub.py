@@ -109,7 +109,7 @@ def _params(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in params.items()) or "-"
 
 
-def write_card(folder: str | Path, card: Card, repo_id: str) -> Path:
+def _write_card(folder: str | Path, card: Card, repo_id: str) -> Path:
     path = Path(folder) / CARD_NAME
     path.write_text(card.render(repo_id), encoding="utf-8")
     return path
@@ -119,7 +119,7 @@ def push_folder(folder: str | Path, repo_id: str, card: Card, message: str) -> s
     """Write the card into `folder` and upload the folder to `repo_id` (created if missing, public by the
     account's default); hidden files (the output marker) stay local. Returns the repository URL."""
     check_repo_id(repo_id)
-    write_card(folder, card, repo_id)
+    _write_card(folder, card, repo_id)
     api = HfApi()
     try:
         url = api.create_repo(repo_id, repo_type="model", exist_ok=True)

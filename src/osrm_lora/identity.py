@@ -27,7 +27,7 @@ from .errors import ModelError, OsrmLoraError
 from .io import fingerprint
 
 # Config fields that say nothing about the weights: where they were loaded from, with which version, and the
-# task head a loader sizes afresh. `stats.model_config_hash` leaves out the same ones.
+# task head a loader sizes afresh. `stats._model_config_hash` leaves out the same ones.
 CONFIG_IGNORED = frozenset({
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "id2label", "label2id",
     "problem_type", "finetuning_task", "_attn_implementation_autoset",

@@ -33,7 +33,7 @@ class InterferenceResult:
     energy: np.ndarray  # T×T, E_{x~task i} Σ_m ‖ΔW_j x‖² (the unnormalised numerators)
 
 
-def output_energy(factors: LoraFactors, moment: torch.Tensor) -> float:
+def _output_energy(factors: LoraFactors, moment: torch.Tensor) -> float:
     """``E‖ΔW x‖² = s² trace(B (A M Aᵀ) Bᵀ)`` for the input second moment ``M = E[x xᵀ]`` (float64)."""
     A = factors.A.to(device=moment.device, dtype=torch.float64)
     B = factors.B.to(device=moment.device, dtype=torch.float64)
@@ -84,7 +84,7 @@ def interference_matrix(
                 raise StatsError(f"statistics of task {tasks[i]!r}, module {group[0]}: NaN/Inf entries")
             for m in group:
                 for j, t in enumerate(tasks):
-                    per_energy[m][i, j] = output_energy(adapters[t].modules[m], moment)
+                    per_energy[m][i, j] = _output_energy(adapters[t].modules[m], moment)
     energy = sum(per_energy.values())
     return InterferenceResult(
         tasks=tasks, matrix=_ratio(energy), per_module={m: _ratio(e) for m, e in per_energy.items()},

@@ -206,7 +206,7 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def clean_stale_staging(target: Path) -> None:
+def _clean_stale_staging(target: Path) -> None:
     """Remove the staging paths of `target` that a killed writer left: this host's with a dead pid, others
     (another host, older versions) once older than STALE_AFTER_S; warn about the younger foreign ones."""
     name = target.name[:_NAME_CHARS]
@@ -240,7 +240,7 @@ def atomic_path(path: str | os.PathLike, kind: str | None = None, *, overwrite: 
     inputs = list(inputs)
     target = check_output(path, kind, folder=False, overwrite=overwrite, inputs=inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_staging(target)
+    _clean_stale_staging(target)
     fd, name = tempfile.mkstemp(prefix=_staging_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
@@ -261,7 +261,7 @@ def atomic_dir(path: str | os.PathLike, kind: str, *, overwrite: bool = False,
     inputs = list(inputs)
     target = check_output(path, kind, folder=True, overwrite=overwrite, inputs=inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_staging(target)
+    _clean_stale_staging(target)
     tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp

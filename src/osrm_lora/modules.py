@@ -53,7 +53,7 @@ def base_name(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX)
 
 
-def name_matches(name: str, targets: str | Sequence[str]) -> bool:
+def _name_matches(name: str, targets: str | Sequence[str]) -> bool:
     """PEFT's rule: a string is a full-match regex; a list matches a name equal to or ending in `.item`."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
@@ -68,7 +68,7 @@ def find_target_modules(model: nn.Module, targets: str | Sequence[str]) -> dict[
     """Map base-model names to the plain linear layers matching `targets` (PEFT LoRA layers are unwrapped)."""
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if ".lora_" in name or name.endswith("base_layer") or not name_matches(base_name(name), targets):
+        if ".lora_" in name or name.endswith("base_layer") or not _name_matches(base_name(name), targets):
             continue
         layer = getattr(module, "base_layer", module)
         if is_linear(layer):

@@ -97,7 +97,7 @@ def _resampled_means(d: np.ndarray, draws: int, rng: np.random.Generator) -> np.
     return out
 
 
-def bootstrap_interval(
+def _bootstrap_interval(
     differences: Sequence[Sequence[np.ndarray]], level: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile interval of the hierarchical bootstrap of the mean difference.
@@ -177,7 +177,7 @@ def paired_difference(
     boot_low = boot_high = None
     if examples is not None:
         diffs = _example_differences(examples, reference_examples, seeds, where)
-        boot_low, boot_high = bootstrap_interval(diffs, level, resamples, seed)
+        boot_low, boot_high = _bootstrap_interval(diffs, level, resamples, seed)
     d = a - b
     low, high = t_interval(d, level)
     return PairedDifference(

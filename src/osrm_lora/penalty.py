@@ -23,7 +23,7 @@ from .modules import weight_out_in
 from .moments import TaskMoments
 
 
-def base_energy(W0: torch.Tensor, sigma: torch.Tensor) -> float:
+def _base_energy(W0: torch.Tensor, sigma: torch.Tensor) -> float:
     """``tr(W₀ Σ W₀ᵀ)`` in float64: the other tasks' output energy through the base weight."""
     W0 = W0.detach().double().cpu()
     return float(((W0 @ sigma.double().cpu()) * W0).sum())
@@ -81,7 +81,7 @@ class InterferencePenalty:
             if sigma.shape[-1] != W0.shape[1]:
                 raise SubspaceError(f"module {module}: the other tasks' moment is {tuple(sigma.shape)}, the layer's "
                                     f"input dim {W0.shape[1]}")
-            base = base_energy(W0, sigma)
+            base = _base_energy(W0, sigma)
             if not base > 0:
                 raise SubspaceError(f"module {module}: the other tasks' base output energy tr(W₀ Σ W₀ᵀ) is {base}; "
                                     f"the penalty's ratio is undefined (all-zero inputs?)")

@@ -129,7 +129,7 @@ def _complete(scores: Mapping[str, float], tasks: Iterable[str]) -> bool:
     return all(t in scores for t in tasks)
 
 
-def lambda_curves(results: Mapping[str, Any]) -> dict[tuple[str, str], list[Row]]:
+def _lambda_curves(results: Mapping[str, Any]) -> dict[tuple[str, str], list[Row]]:
     """(init, method) -> one row per λ (ascending; a single λ=None row for methods without λ), each averaged
     over the seeds that have every task."""
     tasks = list(results["tasks"])
@@ -148,7 +148,7 @@ def lambda_curves(results: Mapping[str, Any]) -> dict[tuple[str, str], list[Row]
     }
 
 
-def individual_rows(results: Mapping[str, Any]) -> list[Row]:
+def _individual_rows(results: Mapping[str, Any]) -> list[Row]:
     """The individually fine-tuned adapters, one row per init (normalised average is 1 by definition)."""
     tasks = list(results["tasks"])
     individual = _individual_scores(results)
@@ -185,7 +185,7 @@ def selected_lambda_table(results: Mapping[str, Any]) -> Table:
             grouped.setdefault((entry["init"], entry["method"]), {})[entry["seed"]] = entry["selected"]
     title = "Best λ on held-out examples (chosen per seed on the select rows, scored on the report rows)"
     table = Table("selected_lambda", title, tasks)
-    table.rows = individual_rows(results)
+    table.rows = _individual_rows(results)
     for init, method in _order(results, grouped):
         chosen = grouped[(init, method)]
         seeds = sorted(chosen)
@@ -199,10 +199,10 @@ def selected_lambda_table(results: Mapping[str, Any]) -> Table:
 
 def best_lambda_table(results: Mapping[str, Any]) -> Table:
     """Each (init, method) at the λ with the highest average score on the report rows: the oracle."""
-    curves = lambda_curves(results)
+    curves = _lambda_curves(results)
     title = "Oracle λ per row (tuned on the report rows themselves: optimistic, not a result)"
     table = Table("best_lambda", title, list(results["tasks"]))
-    table.rows = individual_rows(results)
+    table.rows = _individual_rows(results)
     for key in _order(results, curves):
         table.rows.append(max(curves[key], key=lambda row: (row.average, -(row.lam or 0.0))))
     return table
@@ -210,10 +210,10 @@ def best_lambda_table(results: Mapping[str, Any]) -> Table:
 
 def fixed_lambda_table(results: Mapping[str, Any]) -> Table:
     """Each (init, method) at its fixed λ (`results["fixed_lambda"][method]`; None for methods without λ)."""
-    curves = lambda_curves(results)
+    curves = _lambda_curves(results)
     fixed = results.get("fixed_lambda") or {}
     table = Table("fixed_lambda", "Fixed λ per method (report rows)", list(results["tasks"]))
-    table.rows = individual_rows(results)
+    table.rows = _individual_rows(results)
     for key in _order(results, curves):
         lam = _lambda(fixed.get(key[1]))
         match = [
@@ -237,7 +237,7 @@ def lambda_cell(row: Row) -> str:
     return _fmt_lambda(row.lam)
 
 
-def table_csv(table: Table) -> str:
+def _table_csv(table: Table) -> str:
     """The table as CSV with raw scores (0..1) so it round-trips with `results.json`."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -324,15 +324,15 @@ def _select_curves(results: Mapping[str, Any]) -> dict[tuple[str, str], tuple[li
     return {k: (sorted(v), [statistics.fmean(v[lam]) for lam in sorted(v)]) for k, v in by_lam.items()}
 
 
-def plot_lambda_curves(results: Mapping[str, Any], path: Path) -> None:
+def _plot_lambda_curves(results: Mapping[str, Any], path: Path) -> None:
     """Average score vs λ, one panel per method, one line per init on the report rows (dotted: on the select
     rows, where λ is chosen); dashed: the individual adapters."""
-    curves = {k: rows for k, rows in lambda_curves(results).items() if rows[0].lam is not None}
+    curves = {k: rows for k, rows in _lambda_curves(results).items() if rows[0].lam is not None}
     select = _select_curves(results)
     methods = [m for m in (results.get("methods") or []) if any(k[1] == m for k in curves)]
     methods += sorted({k[1] for k in curves} - set(methods))
     fig = _new_figure(4.2 * max(len(methods), 1), 3.4)
-    individual = {row.init: row.average for row in individual_rows(results)}
+    individual = {row.init: row.average for row in _individual_rows(results)}
     for i, method in enumerate(methods):
         ax = fig.add_subplot(1, len(methods), i + 1)
         for j, init in enumerate(results["inits"]):
@@ -360,7 +360,7 @@ def _label_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.legend(fontsize=8)
 
 
-def plot_samples(results: Mapping[str, Any], table: Table, path: Path) -> bool:
+def _plot_samples(results: Mapping[str, Any], table: Table, path: Path) -> bool:
     """Merged average score at the selected λ vs the statistics sample size, one panel per method and one line
     per statistics-based init entry (`results["init_runs"]`); dashed: the inits without statistics. False when
     no entry was run at two sample sizes."""
@@ -395,7 +395,7 @@ def plot_samples(results: Mapping[str, Any], table: Table, path: Path) -> bool:
     return True
 
 
-def plot_interference(results: Mapping[str, Any], path: Path) -> bool:
+def _plot_interference(results: Mapping[str, Any], path: Path) -> bool:
     """Interference heatmaps of the inits side by side on one colour scale; False when there are none."""
     by_init = _interference_by_init(results)
     if not by_init:
@@ -432,7 +432,7 @@ def plot_interference(results: Mapping[str, Any], path: Path) -> bool:
     return True
 
 
-def plot_task_bars(table: Table, path: Path) -> None:
+def _plot_task_bars(table: Table, path: Path) -> None:
     """Per-task scores of every row of a table, grouped by task."""
     labels = [f"{r.init} / {r.method}" for r in table.rows]
     groups = [*table.tasks, "average"]
@@ -522,7 +522,7 @@ def _off_diagonal_mean(matrix: list[list[float | None]]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def diagnostics_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _diagnostics_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per init: each diagnostic's mean over its adapters and seeds (None where undefined), the mean
     off-diagonal absolute interference and ratio, and the mean overlap of the tasks' A's."""
     grouped: dict[str, list[dict]] = {}
@@ -544,7 +544,7 @@ def diagnostics_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def diagnostics_markdown(results: Mapping[str, Any]) -> str:
-    rows = diagnostics_rows(results)
+    rows = _diagnostics_rows(results)
     if not rows:
         return ""
     columns = [*DIAGNOSTICS, ("interference E‖ΔW_j x_i‖²/E‖W₀x_i‖²", "absolute_interference"),
@@ -619,15 +619,15 @@ def _write_tables_and_plots(results: Mapping[str, Any], output_dir: Path, tables
     written: dict[str, Path] = {}
     for table in (selected, best, fixed):
         written[f"{table.name}.csv"] = output_dir / f"table_{table.name}.csv"
-        write_text(written[f"{table.name}.csv"], table_csv(table))
+        write_text(written[f"{table.name}.csv"], _table_csv(table))
     plots = output_dir / "plots"
     written["lambda_plot"] = plots / "score_vs_lambda.png"
-    plot_lambda_curves(results, written["lambda_plot"])
-    if plot_interference(results, plots / "interference.png"):
+    _plot_lambda_curves(results, written["lambda_plot"])
+    if _plot_interference(results, plots / "interference.png"):
         written["interference_plot"] = plots / "interference.png"
     written["bars_plot"] = plots / "task_scores_best_lambda.png"
-    plot_task_bars(selected, written["bars_plot"])
-    if plot_samples(results, selected, plots / "score_vs_samples.png"):
+    _plot_task_bars(selected, written["bars_plot"])
+    if _plot_samples(results, selected, plots / "score_vs_samples.png"):
         written["samples_plot"] = plots / "score_vs_samples.png"
     return written
 

@@ -43,7 +43,7 @@ def normalised_average(normalised: Mapping[str, float]) -> float:
 
 # ------------------------------------------------------------------------------------- per-example values
 #
-# Seeds as paired replicates resample evaluation examples (`paired.bootstrap_interval`), which needs each
+# Seeds as paired replicates resample evaluation examples (`paired._bootstrap_interval`), which needs each
 # task's score split into one value per example. For accuracy that is the correctness. For F1, MCC and
 # correlations, which are not means, it is the jackknife's split: v_i = M + (n − 1)(mean_j M₋ⱼ − M₋ᵢ), with
 # M₋ᵢ the score without example i. The values average to M exactly and their spread is the jackknife's

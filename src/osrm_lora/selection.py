@@ -32,7 +32,7 @@ def _averages(curve: Curve, part: str) -> dict[float | None, float]:
     return out
 
 
-def best_lambda(curve: Curve, part: str = "select") -> float | None:
+def _best_lambda(curve: Curve, part: str = "select") -> float | None:
     """The λ with the highest average score; ties go to the smaller λ (as the best-λ table does)."""
     averages = _averages(curve, part)
     return max(averages, key=lambda lam: (averages[lam], -(lam or 0.0)))
@@ -64,9 +64,9 @@ def choose_lambda(select_curve: Curve, report_curve: Curve) -> LambdaChoice:
     if set(select_curve) != set(report_curve):
         raise ValueError(f"select and report curves cover different λ: {sorted(select_curve, key=_order)} vs "
                          f"{sorted(report_curve, key=_order)}")
-    lam = best_lambda(select_curve, "select")
+    lam = _best_lambda(select_curve, "select")
     select_avg, report_avg = _averages(select_curve, "select"), _averages(report_curve, "report")
-    oracle = best_lambda(report_curve, "report")
+    oracle = _best_lambda(report_curve, "report")
     curve = [{"lambda": x, "select": dict(select_curve[x]), "select_average": select_avg[x],
               "report": dict(report_curve[x]), "report_average": report_avg[x]}
              for x in sorted(select_curve, key=_order)]

@@ -49,7 +49,7 @@ DEFAULT_LAMBDAS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
 DEFAULT_FIXED_LAMBDA = 1.0
 # Options of a task entry that are file paths, resolved against the experiment file's folder.
 PATH_OPTIONS = ("glue_dir", "files")
-# Every option of a task entry: `tasks.get_task`'s keywords (`tasks.registry.task_options`; a test checks they
+# Every option of a task entry: `tasks.get_task`'s keywords (`tasks.registry._task_options`; a test checks they
 # agree), listed here so that an experiment is checked without importing the data libraries.
 TASK_OPTIONS = (
     "source", "glue_dir", "include_extra_train", "files", "progress", "text_column", "text_pair_column",
@@ -634,7 +634,7 @@ def parse_demo() -> ExperimentConfig:
 
 # ------------------------------------------------------------------ the merge file (`osrm-lora merge --config`)
 # mergekit's YAML for LoRA adapters: `models:` (each `model:` and `parameters:`), `merge_method:`, `base_model:`,
-# global `parameters:`. docs/merge_file.md is the reference; `parse_merge_file` resolves a file to a registered
+# global `parameters:`. docs/merge_file.md is the reference; `_parse_merge_file` resolves a file to a registered
 # method and its hyper-parameters, every error naming the key.
 
 # mergekit's method names with their registered counterpart and the hyper-parameters that make it that method.
@@ -816,7 +816,7 @@ def _inputs(entries: list[tuple[int, MergeModelEntry]], base_dir: Path | None, s
     return inputs
 
 
-def parse_merge_file(data: Any, source: str = "<merge file>", base_dir: Path | None = None) -> MergeRecipe:
+def _parse_merge_file(data: Any, source: str = "<merge file>", base_dir: Path | None = None) -> MergeRecipe:
     """Validate a merge file's data and resolve it to a registered method (docs/merge_file.md). An entry of
     `models:` naming the base model without parameters (mergekit lists it so) is skipped."""
     from .merge.registry import get_method
@@ -854,7 +854,7 @@ def parse_merge_file(data: Any, source: str = "<merge file>", base_dir: Path | N
 def load_merge_file(path: str | Path) -> MergeRecipe:
     """Read and resolve a merge YAML file; relative adapter and input paths are relative to its folder."""
     path = Path(path)
-    return parse_merge_file(read_yaml(path, "merge file"), source=str(path), base_dir=path.parent.resolve())
+    return _parse_merge_file(read_yaml(path, "merge file"), source=str(path), base_dir=path.parent.resolve())
 
 
 def check_base_model(recipe: MergeRecipe, recorded: dict[str, list[str]], source: str) -> None:

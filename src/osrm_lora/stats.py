@@ -172,7 +172,7 @@ class TaskStats:
                 raise OsrmFileError(
                     f"{path}: module {m}: stored shape {tuple(second[m].shape)} != dim {dims[m]}"
                 )
-        check_sums(second, first, str(path))
+        _check_sums(second, first, str(path))
         extra = {k.removeprefix("extra."): v for k, v in meta.items() if k.startswith("extra.")}
         if "model_digest" not in meta:
             warn_without_digest(path, "statistics")
@@ -197,7 +197,7 @@ def _shared_by(tensors: dict[str, torch.Tensor]) -> dict[int, list[str]]:
     return groups
 
 
-def second_moment_problem(second: torch.Tensor, tol: float = PSD_TOL) -> str | None:
+def _second_moment_problem(second: torch.Tensor, tol: float = PSD_TOL) -> str | None:
     """Why `second` cannot be a sum of x xᵀ, or None: a negative diagonal entry, asymmetry beyond
     `tol`·max diagonal, or an eigenvalue below -`tol`·trace (a negated or corrupted Σ). The PSD test is one
     Cholesky of Σ/trace + tol·I; eigenvalues are computed only to report a failure."""
@@ -220,19 +220,19 @@ def second_moment_problem(second: torch.Tensor, tol: float = PSD_TOL) -> str | N
     return f"not positive semi-definite (eigenvalue {least:.3g} < -{tol:g} × trace {trace:.3g})"
 
 
-def check_sums(second: dict[str, torch.Tensor], first: dict[str, torch.Tensor], source: str) -> None:
+def _check_sums(second: dict[str, torch.Tensor], first: dict[str, torch.Tensor], source: str) -> None:
     """Refuse sums that no inputs could give: NaN/Inf, or a Σ x xᵀ that is no second moment (see
-    `second_moment_problem`). Checked once per shared tensor; the error names `source` and its modules."""
+    `_second_moment_problem`). Checked once per shared tensor; the error names `source` and its modules."""
     for modules in _shared_by(second).values():
         where = f"{source}, module{'s' if len(modules) > 1 else ''} {', '.join(modules)}"
         m = modules[0]
         check_finite({"Σ x xᵀ": second[m], "Σ x": first[m]}, where)
-        problem = second_moment_problem(second[m])
+        problem = _second_moment_problem(second[m])
         if problem is not None:
             raise StatsError(f"{where}: Σ x xᵀ is {problem}; these are not input statistics")
 
 
-def model_config_hash(model) -> str:
+def _model_config_hash(model) -> str:
     """Hash of the base model's architecture config: what files without a content digest are compared by."""
     config = getattr(model, "config", None)
     if config is None:
@@ -245,11 +245,11 @@ def model_identity(model, source: str = "the model", name: str | None = None) ->
     (`config._name_or_path`, or `name`); no digest for a model built in memory."""
     base = _unwrap_peft(model)
     loaded_from = str(getattr(getattr(base, "config", None), "_name_or_path", "") or "")
-    return ModelIdentity(name or loaded_from or type(base).__name__, model_config_hash(base),
+    return ModelIdentity(name or loaded_from or type(base).__name__, _model_config_hash(base),
                          model_digest(loaded_from), source)
 
 
-def add_input_sums_(
+def _add_input_sums_(
     second: torch.Tensor, first: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor | None
 ) -> None:
     """Add Σ x xᵀ and Σ x over the selected rows of `inputs` (…×d) to the running sums, in their dtype.
@@ -342,7 +342,7 @@ class _InputSums:
             )
         group = self._group_to_update(name, inputs)
         if group is not None:
-            add_input_sums_(group.second, group.first, inputs, self._rows)
+            _add_input_sums_(group.second, group.first, inputs, self._rows)
 
     def _group_to_update(self, name: str, inputs: torch.Tensor) -> _Group | None:
         """The group whose sums this input goes into, or None when a module sharing it already counted it."""
@@ -505,7 +505,7 @@ def collect_stats(
     `offload_to_cpu`; memory is one d×d matrix per group of modules sharing an input (see the module doc).
     Under torch.distributed every rank must call this with its own shard: the result on each rank is the
     all-reduced sum, identical to one process seeing every shard.
-    Long only for its many documented keyword arguments: the body is a short sequence of steps.
+    Long because of its many documented keyword arguments; the body (50 lines) is a short sequence of steps.
     """
     base = _unwrap_peft(model)
     config = getattr(base, "config", None)
@@ -544,7 +544,7 @@ def collect_stats(
         raise StatsError(f"task {task!r}: no batches to collect statistics from")
     second = {m: sums.groups[g].second for m, g in sums.group_of.items()}
     first = {m: sums.groups[g].first for m, g in sums.group_of.items()}
-    check_sums(second, first, f"statistics of task {task!r}")
+    _check_sums(second, first, f"statistics of task {task!r}")
     identity = model_identity(base)
     return TaskStats(
         task=task,

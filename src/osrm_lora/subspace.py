@@ -192,7 +192,7 @@ def smallest_eigvecs(sigma: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.T
     return _fix_signs(vectors[..., :r].transpose(-1, -2)), values
 
 
-def mean_null_space(means: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mean_null_space(means: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows orthogonal to every mean vector in `means` (...×k×d), via a full SVD in float64.
 
     Returns ``(rows ...×r×d, values ...×d ascending, null_dim ...)``: `values` are the squared singular
@@ -337,7 +337,7 @@ def _solve(parts: _Parts, batch: list[list[str]], ranks: Mapping[str, int], vari
     (`forecast`: the task's `own` moment, when it is in the pool, against Σ₋ᵢ)."""
     r_max = max(ranks[m] for g in batch for m in g)
     if variant == "mean":
-        rows, values, null_dim = mean_null_space(means, r_max)
+        rows, values, null_dim = _mean_null_space(means, r_max)
         decomposed = "weighted mean outer products of the other tasks"
     else:
         rows, values = smallest_eigvecs(sigma if variant == "cov" else target, r_max)
@@ -437,7 +437,7 @@ def _compute(pool: list[TaskStats], ranks: Mapping[str, int], variant: str, weig
     return jobs
 
 
-def pool_jobs(pool: Sequence[str], tasks: Sequence[str] | None) -> tuple[list[str], list[int | None]]:
+def _pool_jobs(pool: Sequence[str], tasks: Sequence[str] | None) -> tuple[list[str], list[int | None]]:
     """The tasks to compute a subspace for (default: every pool task) and, for each, its index in the pool
     (left out of its own mixture) or None (a task outside the pool uses all of it)."""
     if len(set(pool)) != len(pool):
@@ -461,7 +461,7 @@ def _pool_subspaces(
     pool = list(stats)
     _check_options(variant, weighting)
     names = [s.task for s in pool]
-    targets, excluded = pool_jobs(names, tasks)
+    targets, excluded = _pool_jobs(names, tasks)
     ranks = _resolve_ranks(pool[0], rank, ", ".join(map(repr, names)))
     _check_pool(pool, ranks)
     parts = _compute(pool, ranks, variant, weighting, excluded)
@@ -513,7 +513,7 @@ def subspace_from_others(
 # The official code's subspaces (the `osrm-official` init)
 
 
-def official_null_space(means: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _official_null_space(means: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The official code's rows: the last r rows of Vᵀ of a full SVD of the stacked means (k×d), as they come.
 
     Float32, as in that code; no flip and no sign convention. Returns ``(rows r×d, singular values)``. With
@@ -535,7 +535,7 @@ def official_subspaces(
     """
     pool = list(stats)
     names = [s.task for s in pool]
-    targets, excluded = pool_jobs(names, tasks)
+    targets, excluded = _pool_jobs(names, tasks)
     for s in pool:
         if s.extra.get("mask_padding") != "false":
             raise StatsError(f"statistics of task {s.task!r} count real tokens only; osrm-official takes the means "
@@ -551,7 +551,7 @@ def official_subspaces(
             sigma = sum(s.moment(group[0]) for s in others) / len(others)
             null_dim = means.shape[1] - int(torch.linalg.matrix_rank(means))
             for m in group:
-                rows, singular = official_null_space(means, ranks[m])
+                rows, singular = _official_null_space(means, ranks[m])
                 parts.A[m] = rows.contiguous()
                 parts.energy[m] = float(captured_energy(rows.double(), sigma))
                 parts.spectrum[m] = {

@@ -92,7 +92,7 @@ class TrainResult:
     model: Any = None
 
 
-def resolve_precision(precision: str, cuda: bool) -> str:
+def _resolve_precision(precision: str, cuda: bool) -> str:
     """The concrete precision: bf16/fp16 only on a CUDA GPU (bf16 where it is supported)."""
     if precision == "auto":
         if not cuda:
@@ -104,7 +104,7 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     return precision
 
 
-def subspace_fingerprint(subspace: Subspace) -> str:
+def _subspace_fingerprint(subspace: Subspace) -> str:
     """Hash of a subspace's bases, so an adapter records exactly which directions it started from."""
     digest = hashlib.sha256()
     for module in sorted(subspace.A):
@@ -114,7 +114,7 @@ def subspace_fingerprint(subspace: Subspace) -> str:
     return digest.hexdigest()[:16]
 
 
-def start_regression_head_at_mean(model: torch.nn.Module, labels: Sequence[float]) -> float | None:
+def _start_regression_head_at_mean(model: torch.nn.Module, labels: Sequence[float]) -> float | None:
     """Set the bias of the regression head (the model's last 1-output Linear) to the mean training label.
 
     Targets such as STS-B's 0-5 scores are far from a zero-initialised head's output; Adam moves a bias by about
@@ -129,7 +129,7 @@ def start_regression_head_at_mean(model: torch.nn.Module, labels: Sequence[float
     return mean
 
 
-def freeze_factor(peft_model, factor: Literal["none", "A", "B"]) -> list[str]:
+def _freeze_factor(peft_model, factor: Literal["none", "A", "B"]) -> list[str]:
     """Stop gradients to every `lora_A` (factor "A") or `lora_B` ("B") parameter; returns their names."""
     if factor == "none":
         return []
@@ -227,7 +227,7 @@ def _training_arguments(
     training: TrainingSettings, partial: Path, spec: TaskSpec, seed: int, has_dev: bool
 ) -> tuple[TrainingArguments, str]:
     cuda = torch.cuda.is_available()
-    precision = resolve_precision(training.precision, cuda)
+    precision = _resolve_precision(training.precision, cuda)
     if training.keep_best and not has_dev:
         raise TrainingError(f"training.keep_best needs a dev split, and task {spec.name!r} has none")
     kwargs: dict[str, Any] = {}
@@ -266,7 +266,7 @@ def _training_arguments(
     return args, precision
 
 
-class StepTimer(TrainerCallback):
+class _StepTimer(TrainerCallback):
     """Times each optimizer step (forward, backward, update), for comparing inits' cost per step."""
 
     def __init__(self) -> None:
@@ -316,19 +316,19 @@ def _prepare_partial(partial: Path, run: dict, resume: bool) -> None:
     write_json(run_file, run)
 
 
-def lora_state(peft_model) -> dict[str, torch.Tensor]:
+def _lora_state(peft_model) -> dict[str, torch.Tensor]:
     """Copies of the adapter's lora_A/lora_B tensors, keyed as in PEFT's saved state dict."""
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items() if ".lora_" in k}
 
 
-def initial_lora_A(peft_model) -> dict[str, torch.Tensor]:
+def _initial_lora_A(peft_model) -> dict[str, torch.Tensor]:
     """Copies of the adapter's lora_A by base-model module name: what training starts from (drawn again
     identically on resume, from the same seed)."""
     suffix = ".lora_A.weight"
-    return {base_name(k).removesuffix(suffix): v for k, v in lora_state(peft_model).items() if k.endswith(suffix)}
+    return {base_name(k).removesuffix(suffix): v for k, v in _lora_state(peft_model).items() if k.endswith(suffix)}
 
 
-def subtract_initial(state: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _subtract_initial(state: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rewrite a PiSSA/OLoRA adapter as a plain LoRA on the unmodified base, at twice the rank.
 
     Training saw ``W − s·B₀A₀ + s·BA``, i.e. ``W + s·(BA − B₀A₀) = W + s·[B, −B₀][A; A₀]``. Other tensors
@@ -355,7 +355,7 @@ def _save_adapter(peft_model, folder: Path, initial: Mapping[str, torch.Tensor] 
     config.init_lora_weights = True
     config.inference_mode = True
     config.save_pretrained(str(folder))
-    state = subtract_initial(get_peft_model_state_dict(peft_model), initial)
+    state = _subtract_initial(get_peft_model_state_dict(peft_model), initial)
     save_tensors(folder / "adapter_model.safetensors", state, metadata={"format": "pt"})
 
 
@@ -394,7 +394,7 @@ def finetune(
     never when it is one of `inputs`, the paths the run reads (`io.check_output`). With `resume`, training continues from the last
     checkpoint of an interrupted run with the same settings, if there is one.
 
-    Longer than most functions: one sequence whose order fixes the random draws (head, then adapter) and the
+    Long because it is one sequence whose order fixes the random draws (head, then adapter) and the
     processes' barriers, kept in one place; each self-contained step is a helper.
     """
     start = time.perf_counter()
@@ -421,19 +421,19 @@ def finetune(
                        "converted to a rank-%d LoRA on the unmodified base, so it stays mergeable", init, 2 * lora.r)
     with args.main_process_first(desc="tokenize"):
         train_set, dev_set = _tokenized_splits(task, tokenizer, training, seed, has_dev)
-    head_bias = start_regression_head_at_mean(model, train_set["labels"]) if spec.is_regression else None
+    head_bias = _start_regression_head_at_mean(model, train_set["labels"]) if spec.is_regression else None
     peft_model = get_peft_model(model, _lora_config(model, lora, init_spec))
     hook = init_spec.apply(peft_model, subspace, options, InitContext(spec.name, seed, tuple(tasks), moments))
-    initial_A = initial_lora_A(peft_model)
+    initial_A = _initial_lora_A(peft_model)
     if hook is not None:
         hook.prepare(peft_model)
-    frozen = freeze_factor(peft_model, lora.freeze)
+    frozen = _freeze_factor(peft_model, lora.freeze)
 
     run = {
         "task": spec.name, "base_model": model_name, "config_hash": identity.config_hash,
         "model_digest": identity.digest, "init": init,
         "init_options": options.model_dump(mode="json"), "merged_tasks": list(tasks), "seed": seed,
-        "subspace_fingerprint": subspace_fingerprint(subspace) if subspace is not None else None,
+        "subspace_fingerprint": _subspace_fingerprint(subspace) if subspace is not None else None,
         "lora": lora.model_dump(), "training": training.model_dump(exclude={"progress"}),
     }
     with args.main_process_first(desc="prepare the partial folder", local=False):
@@ -443,7 +443,7 @@ def finetune(
     initial = (_initial_factors(peft_model, partial, checkpoint, args.process_index == 0)
                if init_spec.mutates_base else None)
 
-    timer = StepTimer()
+    timer = _StepTimer()
     trainer = _trainer(peft_model, args, train_set, dev_set, tokenizer, spec, [timer, *callbacks], hook)
     if not training.progress:  # without progress bars, Trainer prints every log line instead
         trainer.remove_callback(PrinterCallback)
@@ -506,13 +506,13 @@ def _initial_factors(peft_model, partial: Path, checkpoint: str | None, main: bo
     initial_file = partial / INITIAL_FACTORS
     if checkpoint and initial_file.is_file():
         return load_tensors(initial_file)[0]
-    initial = lora_state(peft_model)
+    initial = _lora_state(peft_model)
     if main and not checkpoint:
         save_tensors(initial_file, initial, metadata={"format": "pt"})
     return initial
 
 
-class ModeTrainer(Trainer):
+class _ModeTrainer(Trainer):
     """A Trainer whose training loss adds a training mode's term (`TrainingHook.loss`; evaluation losses stay
     the task's) and whose logs show `task_loss` and the mode's values beside the loss."""
 
@@ -542,14 +542,14 @@ class ModeTrainer(Trainer):
 
 def _trainer(peft_model, args: TrainingArguments, train_set, dev_set, tokenizer, spec: TaskSpec,
              callbacks: list[TrainerCallback], hook: TrainingHook | None = None) -> Trainer:
-    """The Trainer (a `ModeTrainer` for a training mode's `hook`), told that the model's loss is a per-batch mean.
+    """The Trainer (a `_ModeTrainer` for a training mode's `hook`), told that the model's loss is a per-batch mean.
 
     Sequence-classification heads accept `**kwargs` but ignore `num_items_in_batch`. Taking such a loss for a
     sum over the batch's items, transformers ≥ 4.46 would skip the division by `grad_accum` and, with
     `average_tokens_across_devices` (on by default in 5), multiply by the number of processes: the logged
     losses and the gradients before clipping would be grad_accum × N too large.
     """
-    trainer = (Trainer if hook is None else functools.partial(ModeTrainer, hook=hook))(
+    trainer = (Trainer if hook is None else functools.partial(_ModeTrainer, hook=hook))(
         model=peft_model,
         args=args,
         train_dataset=train_set,
@@ -584,7 +584,7 @@ def _subspace_record(subspace: Subspace | None) -> dict | None:
         return None
     return {
         "task": subspace.task, "variant": subspace.variant, "weighting": subspace.weighting,
-        "others": list(subspace.others), "fingerprint": subspace_fingerprint(subspace),
+        "others": list(subspace.others), "fingerprint": _subspace_fingerprint(subspace),
         "model": subspace.model, "config_hash": subspace.config_hash, "model_digest": subspace.model_digest,
     }
 

@@ -27,6 +27,6 @@ result = train.finetune(
     other_stats=[TaskStats.load(stats_file)], seed=5, lora={"r": 2, "dropout": 0.0},
     training={"epochs": 1, "batch_size": 4, "logging_steps": 1, "progress": False, "warmup_ratio": 0.0, "lr": 2e-2},
 )
-save_file({k: v.contiguous() for k, v in train.lora_state(result.model).items()},
+save_file({k: v.contiguous() for k, v in train._lora_state(result.model).items()},
           str(log / f"lora_rank{rank()}.safetensors"))
 (log / f"history_rank{rank()}.json").write_text(json.dumps(result.history))

@@ -62,7 +62,7 @@ result = train.finetune(
     training={"epochs": 1, "batch_size": 4, "logging_steps": 1, "progress": False, "warmup_ratio": 0.0},
     seed=5,
 )
-save_file({k: v.contiguous() for k, v in train.lora_state(result.model).items()},
+save_file({k: v.contiguous() for k, v in train._lora_state(result.model).items()},
           str(log / f"lora_rank{rank()}.safetensors"))
 
 train._save_adapter = save_adapter  # saves.txt counts the saves of step 3 only
@@ -72,7 +72,7 @@ finetune = train.finetune
 def recorded_finetune(*args, **kwargs):
     result = finetune(*args, **kwargs)
     (log / f"cli_history_rank{rank()}.json").write_text(json.dumps(result.history))
-    save_file({k: v.contiguous() for k, v in train.lora_state(result.model).items()},
+    save_file({k: v.contiguous() for k, v in train._lora_state(result.model).items()},
               str(log / f"cli_lora_rank{rank()}.safetensors"))
     return result
 

@@ -56,6 +56,8 @@ def evaluate_cmd(
     """Score an adapter on a task's split with the task's metrics (batched, no gradients).
 
     An adapter (or --head) that osrm-lora trained records its base model; another --model is refused.
+    \f
+    Long because typer declares each of its 15 options as a parameter; the body is 41 lines.
     """
     from ..adapters import LoraAdapter
     from ..evaluate import EvaluationModel, evaluate_task

@@ -47,7 +47,7 @@ def _results_tables(results: dict) -> list[Table]:
 
 def _run_config(config, force: list[str] | None, quiet: bool, as_json: bool, overwrite: bool,
                 inputs: tuple[Path, ...] = (), **chunk) -> None:
-    """Run the experiment, its output folder claimed first (`pipeline.runner.claim_experiment_dir`): another
+    """Run the experiment, its output folder claimed first (`pipeline.runner._claim_experiment_dir`): another
     kind of folder needs --overwrite, one holding `inputs` (the experiment file) or the data is refused."""
     from ..pipeline import run_experiment
 

@@ -1,7 +1,7 @@
 """`merge`: combine adapters with a registered method into a PEFT adapter or, shard by shard, a full model.
 
 The merge is given by options (ADAPTERS, --method, --param, --lambda) or by a mergekit-style file
-(--config, `settings.parse_merge_file`); either way it becomes one `settings.MergeRecipe`.
+(--config, `settings._parse_merge_file`); either way it becomes one `settings.MergeRecipe`.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def merge(
 
     With --full-model, write the merged full model instead (`from_pretrained`-ready safetensors shards),
     reading the base checkpoint one tensor at a time, so models larger than memory can be merged.
+    \f
+    Long because typer declares each of its 19 options and arguments as a parameter; the body is 30 lines.
     """
     from ..merge import list_methods
 

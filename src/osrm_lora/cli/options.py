@@ -56,7 +56,7 @@ ForceOpt = Annotated[list[str] | None, typer.Option("--force", callback=_stages,
 MaxLengthOpt = Annotated[int, typer.Option("--max-length", min=1, help="tokens per example (longer ones are cut)")]
 
 
-def finite(value: float | None) -> float | None:
+def _finite(value: float | None) -> float | None:
     """A float option's callback: NaN and ±inf are usage errors (a NaN λ would write a NaN adapter)."""
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number")
@@ -64,5 +64,5 @@ def finite(value: float | None) -> float | None:
 
 
 def float_option(*names: str, **kwargs):
-    """`typer.Option` for a float: finite values only (`finite`)."""
-    return typer.Option(*names, callback=finite, **kwargs)
+    """`typer.Option` for a float: finite values only (`_finite`)."""
+    return typer.Option(*names, callback=_finite, **kwargs)

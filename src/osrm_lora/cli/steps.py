@@ -302,6 +302,8 @@ def train(
     """Fine-tune one LoRA adapter (and its task head) on one task.
 
     Runs on several GPUs unchanged under `torchrun` or `accelerate launch` (`-m osrm_lora.cli train ...`).
+    \f
+    Long because typer declares each of its 27 options as a parameter; the body is 50 lines.
     """
     if list_inits_:
         print_listing(list_inits(), as_json, _inits_table)

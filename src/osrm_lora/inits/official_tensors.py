@@ -34,13 +34,13 @@ OFFICIAL_SAMPLES = 100  # the official code's --max-num-samples
 OFFICIAL_MAX_LENGTH = 128  # its --max-seq-len
 
 
-def official_sample(data: datasets.Dataset, samples: int, seed: int) -> datasets.Dataset:
+def _official_sample(data: datasets.Dataset, samples: int, seed: int) -> datasets.Dataset:
     """The first `samples` rows of a seeded shuffle (all rows if there are fewer), not stratified."""
     order = make_rng(seed, "osrm-official").permutation(len(data))[:samples]
     return data.select(sorted(order.tolist()))
 
 
-def padded_examples(data: datasets.Dataset, tokenizer, spec: TaskSpec, max_length: int) -> list[dict]:
+def _padded_examples(data: datasets.Dataset, tokenizer, spec: TaskSpec, max_length: int) -> list[dict]:
     """One batch per example: truncated from the left, right-padded to `max_length` with eos as pad."""
     tok = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its pad token and sides
     if tok.eos_token is None:
@@ -70,9 +70,9 @@ def official_stats(
     """
     if target_modules is None:
         target_modules = default_target_modules(model.config.model_type)
-    data = official_sample(task.split(split), samples, seed)
+    data = _official_sample(task.split(split), samples, seed)
     shard = data.select(shard_indices(len(data), rank(), world_size()))
-    batches = padded_examples(shard, tokenizer, task.spec, max_length) if len(shard) else []
+    batches = _padded_examples(shard, tokenizer, task.spec, max_length) if len(shard) else []
     stats = collect_stats(model, batches, target_modules, task=task.name, model_id=model_id, mask_padding=False,
                           progress=progress and is_main())
     stats.extra.update({"split": split, "examples": str(len(data)), "seed": str(seed),

@@ -25,7 +25,7 @@ DEFAULT_MU = 0.6
 START_VARIANTS = {"cov", "centered"}  # the subspaces osrm-reg is given (those of `osrm`)
 
 
-def check_start(name: str, mode: str, modes: tuple[str, ...]) -> str:
+def _check_start(name: str, mode: str, modes: tuple[str, ...]) -> str:
     """`name` as the start of a mode: a registered init that PEFT builds with its default init and that needs
     at most the mode's own inputs (an OSRM cov/centered subspace, the moments), not another mode."""
     spec = get_init(name)
@@ -45,10 +45,10 @@ class RegOptions(ScaleOptions):
     @field_validator("start")
     @classmethod
     def _known_start(cls, name: str) -> str:
-        return check_start(name, "osrm-reg", ("osrm-reg", "osrm-project"))
+        return _check_start(name, "osrm-reg", ("osrm-reg", "osrm-project"))
 
 
-def start_init(peft_model: Any, subspace: Subspace | None, options: RegOptions, context: InitContext) -> None:
+def _start_init(peft_model: Any, subspace: Subspace | None, options: RegOptions, context: InitContext) -> None:
     """Apply the `start` init, with this mode's `scale` if it takes one."""
     spec = get_init(options.start)
     start_options = spec.parse({"scale": options.scale} if "scale" in spec.options.model_fields else {})
@@ -58,7 +58,7 @@ def start_init(peft_model: Any, subspace: Subspace | None, options: RegOptions, 
 def apply_reg(peft_model: Any, subspace: Subspace | None, options: RegOptions, context: InitContext) -> TrainingHook:
     from .reg_tensors import reg_hook
 
-    start_init(peft_model, subspace, options, context)
+    _start_init(peft_model, subspace, options, context)
     return reg_hook(peft_model, options, context)
 
 

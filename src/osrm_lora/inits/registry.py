@@ -51,7 +51,7 @@ class InitContext:
 ApplyFn = Callable[[Any, "Subspace | None", InitOptions, InitContext], "TrainingHook | None"]
 
 
-def peft_only(peft_model: Any, subspace: Subspace | None, options: InitOptions, context: InitContext) -> None:
+def _peft_only(peft_model: Any, subspace: Subspace | None, options: InitOptions, context: InitContext) -> None:
     """For inits PEFT performs entirely through `init_lora_weights`: nothing left to do."""
 
 
@@ -70,7 +70,7 @@ class InitSpec:
     needs_tasks: bool = False
     needs_moments: bool = False
     options: type[InitOptions] = InitOptions
-    apply: ApplyFn = peft_only
+    apply: ApplyFn = _peft_only
 
     def __post_init__(self) -> None:
         if self.variants and not self.needs_stats:

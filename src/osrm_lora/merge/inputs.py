@@ -29,12 +29,12 @@ Shapes = Mapping[str, tuple[int, int]]  # module -> (out, in) of the adapters' u
 Provide = Callable[[Any, str, Shapes], Mapping[str, "torch.Tensor"]]
 
 
-def recorded_task(value: Any) -> str:
+def _recorded_task(value: Any) -> str:
     """The `task` an object records (TaskStats, a Fisher file's diagonals); "" for a plain mapping."""
     return str(getattr(value, "task", "") or "")
 
 
-def no_model(value: Any) -> ModelIdentity | None:
+def _no_model(value: Any) -> ModelIdentity | None:
     """For kinds whose objects record no base model."""
     return None
 
@@ -51,8 +51,8 @@ class InputKind:
     what: str
     hint: str
     provide: Provide
-    task_of: Callable[[Any], str] = recorded_task
-    model_of: Callable[[Any], ModelIdentity | None] = no_model
+    task_of: Callable[[Any], str] = _recorded_task
+    model_of: Callable[[Any], ModelIdentity | None] = _no_model
 
     def describe(self, value: Any) -> str:
         """One object in messages: its file and task where known."""
@@ -65,8 +65,8 @@ class InputKind:
 _KINDS: dict[str, InputKind] = {}
 
 
-def register_input(name: str, what: str, hint: str, provide: Provide, *, task_of: Callable[[Any], str] = recorded_task,
-                   model_of: Callable[[Any], ModelIdentity | None] = no_model) -> None:
+def register_input(name: str, what: str, hint: str, provide: Provide, *, task_of: Callable[[Any], str] = _recorded_task,
+                   model_of: Callable[[Any], ModelIdentity | None] = _no_model) -> None:
     """Make `name` a per-task input that methods may require and `merge_adapters` accepts as `name=`."""
     if name in _KINDS:
         raise ValueError(f"merge input {name!r} is already registered")

@@ -71,7 +71,7 @@ class ShardedMerge:
     heads: dict[str, str] = field(default_factory=dict)  # adapter head tensor -> checkpoint tensor name
 
 
-def read_header(path: Path) -> list[TensorEntry]:
+def _read_header(path: Path) -> list[TensorEntry]:
     """The tensors a safetensors file holds, in storage order, from its header alone.
 
     safetensors itself parses the header; the dtype comes from an empty slice (no data read), so every dtype
@@ -90,7 +90,7 @@ def read_header(path: Path) -> list[TensorEntry]:
     return entries
 
 
-def checkpoint_layout(base_dir: str | os.PathLike) -> list[TensorEntry]:
+def _checkpoint_layout(base_dir: str | os.PathLike) -> list[TensorEntry]:
     """Every tensor of a Hugging Face safetensors checkpoint folder, file by file in storage order."""
     base = Path(base_dir)
     index_file = base / INDEX_NAME
@@ -101,7 +101,7 @@ def checkpoint_layout(base_dir: str | os.PathLike) -> list[TensorEntry]:
             raise OsrmFileError(f"{index_file}: not a safetensors index ({exc!r})") from exc
         entries = []
         for file in sorted(set(weight_map.values())):
-            in_file = [e for e in read_header(base / file) if weight_map.get(e.name) == file]
+            in_file = [e for e in _read_header(base / file) if weight_map.get(e.name) == file]
             missing = sorted({n for n, f in weight_map.items() if f == file} - {e.name for e in in_file})
             if missing:
                 raise OsrmFileError(
@@ -110,7 +110,7 @@ def checkpoint_layout(base_dir: str | os.PathLike) -> list[TensorEntry]:
             entries.extend(in_file)
         return entries
     if (base / SINGLE_NAME).is_file():
-        return read_header(base / SINGLE_NAME)
+        return _read_header(base / SINGLE_NAME)
     others = sorted(p.name for p in base.glob("*") if p.name.endswith((".bin", ".pt", ".pth")))
     hint = f" (found {others[:3]}; re-save it with save_pretrained to get safetensors)" if others else ""
     raise OsrmFileError(
@@ -118,7 +118,7 @@ def checkpoint_layout(base_dir: str | os.PathLike) -> list[TensorEntry]:
     )
 
 
-def match_names(wanted: Sequence[str], names: Sequence[str], what: str) -> dict[str, str]:
+def _match_names(wanted: Sequence[str], names: Sequence[str], what: str) -> dict[str, str]:
     """The checkpoint tensor for each wanted name: the same name with one leading prefix replaced.
 
     The prefix pair (checkpoint side, adapter side) is found by matching each wanted name's longest tail that
@@ -167,7 +167,7 @@ def _fan_in_fan_out(merged: Merged) -> bool:
 def _module_tensors(merged: Merged, layout: Sequence[TensorEntry], transposed: bool) -> dict[str, str]:
     """Merged module -> checkpoint tensor name, with each stored shape checked before anything is written."""
     entries = {e.name: e for e in layout}
-    names = match_names([f"{m}.weight" for m in merged.modules], list(entries), "module")
+    names = _match_names([f"{m}.weight" for m in merged.modules], list(entries), "module")
     reference = next(iter(merged.adapters.values()))
     mapping = {}
     for m in merged.modules:
@@ -194,7 +194,7 @@ def _head_tensors(
     adapter = merged.adapters[heads_from]
     entries = {e.name: e for e in layout}
     wanted = head_parameters(adapter)
-    names = match_names(list(wanted), list(entries), f"head of adapter {heads_from!r}, tensor")
+    names = _match_names(list(wanted), list(entries), f"head of adapter {heads_from!r}, tensor")
     heads = {}
     for param, key in wanted.items():
         target, value = names[param], adapter.extra[key]
@@ -207,7 +207,7 @@ def _head_tensors(
     return heads
 
 
-def plan_shards(layout: Sequence[TensorEntry], max_shard_size: int | str) -> StateDictSplit:
+def _plan_shards(layout: Sequence[TensorEntry], max_shard_size: int | str) -> StateDictSplit:
     """The shard files, their tensors and the index, as `huggingface_hub` plans a `save_pretrained`
     (consecutive tensors up to `max_shard_size`, a larger tensor alone), from meta tensors of the stored
     shapes and dtypes. `max_shard_size` is bytes or a string such as "2GB" (KB, MB, GB, TB: powers of 10)."""
@@ -306,7 +306,7 @@ def merge_checkpoint_sharded(
     the checkpoint's headers before any tensor is read. The output loads with `from_pretrained(out_dir)`.
     `out_dir` is checked before anything is merged (`io.check_output`: an existing folder that is no merged
     model needs `overwrite`; the base checkpoint and `inputs`, the files the merge read, never).
-    Long only for its many documented keyword arguments: the body is a short sequence of steps.
+    Long because of its many documented keyword arguments; the body (41 lines) is a short sequence of steps.
     """
     base, out = Path(base_dir), Path(out_dir)
     inputs = [base, *inputs]
@@ -323,12 +323,12 @@ def merge_checkpoint_sharded(
         raise MergeError(f"merge method {merged.method!r} keeps per-task updates: pass task= one of {merged.tasks}"
                          f" (got {task!r})")
 
-    layout = checkpoint_layout(base)
+    layout = _checkpoint_layout(base)
     transposed = _fan_in_fan_out(merged)
     modules = _module_tensors(merged, layout, transposed)
     module_of = {key: m for m, key in modules.items()}
     heads = _head_tensors(merged, heads_from, layout) if heads_from is not None else {}
-    split = plan_shards(layout, max_shard_size)
+    split = _plan_shards(layout, max_shard_size)
 
     def replace(entry: TensorEntry, tensor: torch.Tensor) -> torch.Tensor:
         if entry.name in module_of:

@@ -23,7 +23,7 @@ from .layout import Layout
 MANIFEST_FORMAT = "osrm-lora/manifest/1"
 
 
-def content_digest(path: Path) -> str:
+def _content_digest(path: Path) -> str:
     """sha256 of a file's content; for safetensors, of its header with sorted keys and its data.
 
     safetensors writes its metadata map in an arbitrary order, so equal tensors and metadata can give
@@ -104,7 +104,7 @@ class Cache:
     def record(self, stage: str, unit: Unit, seconds: float) -> str:
         root = self.layout.root
         files = {
-            str(o.relative_to(root)): {"content_sha256": content_digest(o), "size": o.stat().st_size}
+            str(o.relative_to(root)): {"content_sha256": _content_digest(o), "size": o.stat().st_size}
             for o in unit.outputs
         }
         digest = fingerprint({k: v["content_sha256"] for k, v in files.items()})

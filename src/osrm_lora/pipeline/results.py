@@ -121,7 +121,7 @@ def _modes(config: ExperimentConfig, layout: Layout, finished: Finished) -> list
     return rows
 
 
-def example_loader(config: ExperimentConfig, layout: Layout):
+def _example_loader(config: ExperimentConfig, layout: Layout):
     """(init, method, seed, λ) -> {task: per-example values of the report rows}, read from the eval files."""
     from ..study import INDIVIDUAL, record_values
 
@@ -163,7 +163,7 @@ def collect_results(config: ExperimentConfig, layout: Layout, finished: Finished
     results["selection"] = select_lambdas(results["merged"], c.task_names)
     settings = c.report
     results["paired"] = paired_differences(
-        results, c.reference_init, example_loader(c, layout),
+        results, c.reference_init, _example_loader(c, layout),
         level=settings.level, resamples=settings.resamples, threshold=settings.threshold,
     )
     return results

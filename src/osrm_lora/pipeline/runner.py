@@ -34,7 +34,7 @@ class RunSummary:
         return any(s.ran for s in self.stages.values())
 
 
-def dependency_order(stages: Sequence[Stage]) -> list[Stage]:
+def _dependency_order(stages: Sequence[Stage]) -> list[Stage]:
     """Each stage after the stages it needs, otherwise in the given order."""
     names = {s.name for s in stages}
     for stage in stages:
@@ -56,7 +56,7 @@ EXPERIMENT_FORMAT = "osrm-lora/experiment/1"
 EXPERIMENT_KIND = "experiment"  # the io marker kind of an experiment's output folder
 
 
-def data_files(config: ExperimentConfig) -> list[str]:
+def _data_files(config: ExperimentConfig) -> list[str]:
     """The local data files and folders the study's tasks read (`files`, `glue_dir`)."""
     found: list[str] = []
     for entry in [*config.tasks, *config.pool_tasks]:
@@ -68,14 +68,14 @@ def data_files(config: ExperimentConfig) -> list[str]:
     return found
 
 
-def claim_experiment_dir(config: ExperimentConfig, layout: Layout, *, overwrite: bool = False,
+def _claim_experiment_dir(config: ExperimentConfig, layout: Layout, *, overwrite: bool = False,
                          inputs: Iterable[str | os.PathLike] = ()) -> None:
     """Claim the output folder (`io.claim_output_dir`): another kind of folder needs `overwrite`, and one that
     is, holds or lies in the study's data files or `inputs` is refused. A folder that an osrm-lora before the
     output markers wrote (experiment.json beside manifests/) is ours and reused."""
     earlier = layout.config.is_file() and (layout.root / "manifests").is_dir()
     claim_output_dir(layout.root, EXPERIMENT_KIND, overwrite=overwrite or earlier,
-                     inputs=[*inputs, *data_files(config)])
+                     inputs=[*inputs, *_data_files(config)])
 
 
 def _write_config(config: ExperimentConfig, layout: Layout) -> None:
@@ -88,7 +88,7 @@ def _write_config(config: ExperimentConfig, layout: Layout) -> None:
         write_json(layout.config, record)
 
 
-def read_config(layout: Layout) -> ExperimentConfig:
+def _read_config(layout: Layout) -> ExperimentConfig:
     """The study an output folder holds (its experiment.json), with its outputs where the folder is now."""
     path = layout.config
     if not path.is_file():
@@ -122,7 +122,7 @@ def chunk(config: ExperimentConfig, seeds: Sequence[int] | None, inits: Sequence
     })
 
 
-def finished_units(ctx: Context, stages: Sequence[Stage], cache: Cache) -> dict[str, dict]:
+def _finished_units(ctx: Context, stages: Sequence[Stage], cache: Cache) -> dict[str, dict]:
     """Per stage, the digests of the units of `ctx.config` finished for their current inputs (by any run
     or chunk), found in dependency order without producing anything."""
     digests: dict[str, dict] = {}
@@ -146,12 +146,12 @@ def run_experiment(
 
     `seeds` and `inits` run a chunk of the study (subsets of its seeds and inits), sharing its cache and
     output folder with the other chunks; the report then covers every finished unit of the whole study.
-    The output folder is claimed first (`claim_experiment_dir`, with `overwrite` and `inputs`, e.g. the
+    The output folder is claimed first (`_claim_experiment_dir`, with `overwrite` and `inputs`, e.g. the
     experiment file), before any stage runs.
     """
     layout = Layout(Path(config.output_dir))
-    claim_experiment_dir(config, layout, overwrite=overwrite, inputs=inputs)
-    stages = dependency_order(STAGES)
+    _claim_experiment_dir(config, layout, overwrite=overwrite, inputs=inputs)
+    stages = _dependency_order(STAGES)
     versions = {s.name: s.version for s in stages}
     cache = Cache(layout, versions, force)
     part = chunk(config, seeds, inits)
@@ -165,7 +165,7 @@ def run_experiment(
         digests[stage.name] = stage.run(ctx, {name: digests[name] for name in stage.needs})
     study = Context(config, layout, cache, progress=progress, log=log)
     if part is not config:
-        digests = finished_units(study, work, Cache(layout, versions))
+        digests = _finished_units(study, work, Cache(layout, versions))
     report = next(s for s in stages if s.name == ReportStage.name)
     report.run(study, {name: digests[name] for name in report.needs})
     files = study.files or {p.name: p for p in layout.report_files()}
@@ -179,13 +179,13 @@ def rebuild_report(output_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     from ..report import write_report, write_results
 
     layout = Layout(Path(output_dir))
-    config = read_config(layout)
-    claim_experiment_dir(config, layout)
-    stages = dependency_order(STAGES)
+    config = _read_config(layout)
+    _claim_experiment_dir(config, layout)
+    stages = _dependency_order(STAGES)
     cache = Cache(layout, {s.name: s.version for s in stages})
     ctx = Context(config, layout, cache, progress=False, log=_log_nothing)
     work = [s for s in stages if s.name != ReportStage.name]
-    finished = finished_units(ctx, work, cache)
+    finished = _finished_units(ctx, work, cache)
     results = collect_results(config, layout, {name: {k.name for k in d} for name, d in finished.items()})
     written = write_report(results, layout.root)
     write_results(results, layout.results)

@@ -3,7 +3,7 @@
 A stage lists its units (key, the inputs its fingerprint covers, the files it writes) from the config and
 its upstream stages' digests, and yields none when the config does not use it. `Cache` decides which units
 to produce. A new stage is one class here plus its line in `STAGES`; a new per-adapter product is one
-`AdapterStage` subclass.
+`_AdapterStage` subclass.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class _Unfinished(dict):
         return "unfinished"
 
 
-class StatsStage(Stage):
+class _StatsStage(Stage):
     """Per task, Σxxᵀ/Σx of every target module's input over a seeded sample of the base model: the reference
     sample of the merged tasks (interference, diagnostics, base Grams), and the samples of every size the
     subspaces read for the pool tasks (moments, or the official code's padded means for `osrm-official`)."""
@@ -128,7 +128,7 @@ class StatsStage(Stage):
         from ..subspace import OFFICIAL
 
         c = ctx.config
-        keys = [StatsKey(t) for t in c.task_names] if StatsStage.reference_wanted(ctx) else []
+        keys = [StatsKey(t) for t in c.task_names] if _StatsStage.reference_wanted(ctx) else []
         for variant, sizes in _subspace_sizes(ctx).items():
             keys += [StatsKey(t, _samples_tag(ctx, n), variant == OFFICIAL) for n in sizes for t in c.pool_for(variant)]
         for run in c.init_runs:
@@ -163,7 +163,7 @@ class StatsStage(Stage):
                                unit.outputs[0], samples=key.samples)
 
 
-class SubspacesStage(Stage):
+class _SubspacesStage(Stage):
     """Per variant in use and statistics sample size, each merged task's subspace of rank r from the other
     tasks of the statistics pool."""
 
@@ -212,7 +212,7 @@ class SubspacesStage(Stage):
             subspace.save(ctx.layout.subspace(key.variant, task, key.samples))
 
 
-class TrainStage(Stage):
+class _TrainStage(Stage):
     """Every seed × init run (entry × sample size) × task adapter."""
 
     name = "train"
@@ -302,7 +302,7 @@ class TrainStage(Stage):
                 "weighting": ctx.config.subspace.weighting}
 
 
-class AdapterStage(Stage):
+class _AdapterStage(Stage):
     """One unit per trained adapter, keyed by the adapter, its task, the base model and the config's
     `section` (the settings of what the stage computes)."""
 
@@ -333,7 +333,7 @@ class AdapterStage(Stage):
         return getattr(ctx.config, self.section).model_dump()
 
 
-class EvalStage(AdapterStage):
+class _EvalStage(_AdapterStage):
     """Each adapter on its own task's `report` rows: the reference of the normalised scores."""
 
     name = "eval"
@@ -360,7 +360,7 @@ def _uses_fisher(merge) -> bool:
     return "fisher" in get_method(merge.method).requires
 
 
-class FisherStage(AdapterStage):
+class _FisherStage(_AdapterStage):
     """Each fine-tuned adapter's diagonal Fisher, when a merge entry uses Fisher merging."""
 
     name = "fisher"
@@ -391,7 +391,7 @@ class FisherStage(AdapterStage):
         save_fisher(unit.outputs[0], fisher, task=key.task)
 
 
-class GramsStage(AdapterStage):
+class _GramsStage(_AdapterStage):
     """Statistics of each fine-tuned model's inputs at its adapter's modules, for `grams: finetuned`."""
 
     name = "grams"
@@ -416,7 +416,7 @@ class GramsStage(AdapterStage):
             )
 
 
-class MergeStage(Stage):
+class _MergeStage(Stage):
     """Every merge entry × seed × init × λ, evaluated on every task with that task's head.
 
     A batch is one entry's λ grid for one init × seed: merged once (λ is a post-factor), then each pending
@@ -517,7 +517,7 @@ def _run_units(ctx: Context, upstream, output: Callable[[RunKey], Path], **extra
             yield Unit(run, inputs, [output(run)])
 
 
-class InterferenceStage(Stage):
+class _InterferenceStage(Stage):
     """Per init and seed, how much each adapter disturbs each task's activations."""
 
     name = "interference"
@@ -549,7 +549,7 @@ class InterferenceStage(Stage):
         )
 
 
-class DiagnosticsStage(Stage):
+class _DiagnosticsStage(Stage):
     """Per init and seed, each adapter's diagnostics (`diagnostics.diagnose`), exact from the cached
     statistics, the base weights and the initial A saved with each adapter: no pass over data."""
 
@@ -616,14 +616,14 @@ class ReportStage(Stage):
 
 # The runner orders them by `needs`, keeping this order where `needs` leave a choice.
 STAGES: tuple[Stage, ...] = (
-    StatsStage(),
-    SubspacesStage(),
-    TrainStage(),
-    EvalStage(),
-    FisherStage(),
-    GramsStage(),
-    MergeStage(),
-    InterferenceStage(),
-    DiagnosticsStage(),
+    _StatsStage(),
+    _SubspacesStage(),
+    _TrainStage(),
+    _EvalStage(),
+    _FisherStage(),
+    _GramsStage(),
+    _MergeStage(),
+    _InterferenceStage(),
+    _DiagnosticsStage(),
     ReportStage(),
 )

@@ -66,7 +66,7 @@ def make_collator(tokenizer, regression: bool) -> _RegressionAware:
     return _RegressionAware(tokenizer, regression)
 
 
-class SeededShuffle(Sampler[int]):
+class _SeededShuffle(Sampler[int]):
     """A fresh PCG64 permutation per epoch, fixed by (seed, epoch), identical on every machine."""
 
     def __init__(self, n: int, seed: int):
@@ -81,7 +81,7 @@ class SeededShuffle(Sampler[int]):
         return self.n
 
 
-class LengthSorted(Sampler[int]):
+class _LengthSorted(Sampler[int]):
     """Rows longest first (ties in row order); `order[k]` is the row at position k of the pass."""
 
     def __init__(self, lengths: Sequence[int]):
@@ -98,7 +98,7 @@ def restore_order(values: Sequence, batches: Iterable) -> list:
     """Per-row outputs of one pass over `batches` in the dataset's row order (unchanged unless the batches
     come from a `by_length` dataloader)."""
     sampler = getattr(batches, "sampler", None)
-    if not isinstance(sampler, LengthSorted):
+    if not isinstance(sampler, _LengthSorted):
         return list(values)
     if len(values) != len(sampler):
         raise ValueError(f"{len(values)} outputs for a pass over {len(sampler)} rows")
@@ -148,8 +148,8 @@ def make_dataloader(
     rows = dataset[:]
     columns = {k: rows[k] for k in (*TOKEN_COLUMNS, "labels") if k in rows}
     collate = make_collator(tokenizer, spec.is_regression)
-    sampler = SeededShuffle(len(dataset), seed) if shuffle else None
+    sampler = _SeededShuffle(len(dataset), seed) if shuffle else None
     if by_length:
-        sampler = LengthSorted([len(ids) for ids in columns["input_ids"]])
+        sampler = _LengthSorted([len(ids) for ids in columns["input_ids"]])
     return DataLoader(_Rows(columns), batch_size=batch_size, sampler=sampler, collate_fn=collate)
 

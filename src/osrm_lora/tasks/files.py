@@ -28,7 +28,7 @@ DEV_FRACTION = 0.1
 CARVE_SEED = 7
 
 
-def file_format(path: Path, format: str | None) -> str:
+def _file_format(path: Path, format: str | None) -> str:
     if format is not None:
         if format not in ("csv", "tsv", "jsonl"):
             raise TaskError(f"{path}: unknown format {format!r} (csv, tsv or jsonl)")
@@ -54,12 +54,12 @@ def _column_getter(path: Path, header: list[str], columns: list[str]) -> Callabl
     return get
 
 
-def read_records(
+def _read_records(
     path: Path, columns: Mapping[str, str | None], label_of: Callable[[Any], Any], *,
     format: str | None = None, quoting: str = "minimal",
 ) -> list[dict]:
     """Rows of one file as records {text, (text_pair), label}; `columns` maps those keys to file columns."""
-    fmt = file_format(path, format)
+    fmt = _file_format(path, format)
     wanted = {key: col for key, col in columns.items() if col is not None}
 
     def build(values: Mapping[str, Any]) -> dict:
@@ -94,7 +94,7 @@ def read_records(
         return parse_rows(str(path), rows, lambda fields: build(get(fields)))
 
 
-def infer_label_names(raw_labels: Sequence[Any], where: str = "labels") -> tuple[str, ...]:
+def _infer_label_names(raw_labels: Sequence[Any], where: str = "labels") -> tuple[str, ...]:
     """Class names from the labels seen: '0'..'N-1' if all are non-negative integers, else sorted names.
     Integer ids with gaps ({0, 1, 5}) are refused: the missing ids would be classes without examples."""
     values = {str(v).strip() for v in raw_labels}
@@ -111,7 +111,7 @@ def infer_label_names(raw_labels: Sequence[Any], where: str = "labels") -> tuple
 
 def _train_classes(name: str, raw: Mapping[str, list[dict]], paths: Mapping[str, Path]) -> tuple[str, ...]:
     """The classes of the train file's labels; a label only another split has is refused, not added."""
-    names = infer_label_names([r["label"] for r in raw["train"]], f"task {name!r}, {paths['train']}")
+    names = _infer_label_names([r["label"] for r in raw["train"]], f"task {name!r}, {paths['train']}")
     for split, rows in raw.items():
         unseen = sorted({r["label"] for r in rows} - set(names))
         if unseen:
@@ -160,9 +160,9 @@ def load_file_task(
 
     if regression or label_names is not None:
         spec = spec_for(None if regression else label_names)
-        raw = {s: read_records(p, columns, spec.label_value, format=format, quoting=quoting) for s, p in paths.items()}
+        raw = {s: _read_records(p, columns, spec.label_value, format=format, quoting=quoting) for s, p in paths.items()}
     else:
-        raw = {s: read_records(p, columns, lambda v: str(v).strip(), format=format, quoting=quoting)
+        raw = {s: _read_records(p, columns, lambda v: str(v).strip(), format=format, quoting=quoting)
                for s, p in paths.items()}
         spec = spec_for(_train_classes(name, raw, paths))
     data = {s: records_to_dataset(spec, rows, str(paths[s])) for s, rows in raw.items()}

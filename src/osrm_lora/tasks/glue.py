@@ -30,7 +30,7 @@ CARVE_SEED = 20190101
 
 
 @dataclass(frozen=True)
-class GlueLayout:
+class _GlueLayout:
     """Where a task's files live and which (0-based) columns hold text and label; negative = from the end."""
 
     folder: str
@@ -71,27 +71,27 @@ GLUE_SPECS: dict[str, TaskSpec] = {
 _TRAIN_DEV = {"train": ("train.tsv",), "dev": ("dev.tsv",)}
 _HUB_TRAIN_DEV = {"train": "train", "dev": "validation"}
 
-GLUE_LAYOUTS: dict[str, GlueLayout] = {
-    "cola": GlueLayout("CoLA", _TRAIN_DEV, False, 3, None, 1, 4, "cola", ("sentence",), _HUB_TRAIN_DEV),
-    "sst2": GlueLayout("SST-2", _TRAIN_DEV, True, 0, None, 1, 2, "sst2", ("sentence",), _HUB_TRAIN_DEV),
-    "mrpc": GlueLayout("MRPC", _TRAIN_DEV, True, 3, 4, 0, 5, "mrpc", ("sentence1", "sentence2"), _HUB_TRAIN_DEV),
-    "stsb": GlueLayout("STS-B", _TRAIN_DEV, True, 7, 8, -1, 10, "stsb", ("sentence1", "sentence2"), _HUB_TRAIN_DEV),
-    "qqp": GlueLayout("QQP", _TRAIN_DEV, True, 3, 4, 5, 6, "qqp", ("question1", "question2"), _HUB_TRAIN_DEV),
-    "mnli": GlueLayout(
+GLUE_LAYOUTS: dict[str, _GlueLayout] = {
+    "cola": _GlueLayout("CoLA", _TRAIN_DEV, False, 3, None, 1, 4, "cola", ("sentence",), _HUB_TRAIN_DEV),
+    "sst2": _GlueLayout("SST-2", _TRAIN_DEV, True, 0, None, 1, 2, "sst2", ("sentence",), _HUB_TRAIN_DEV),
+    "mrpc": _GlueLayout("MRPC", _TRAIN_DEV, True, 3, 4, 0, 5, "mrpc", ("sentence1", "sentence2"), _HUB_TRAIN_DEV),
+    "stsb": _GlueLayout("STS-B", _TRAIN_DEV, True, 7, 8, -1, 10, "stsb", ("sentence1", "sentence2"), _HUB_TRAIN_DEV),
+    "qqp": _GlueLayout("QQP", _TRAIN_DEV, True, 3, 4, 5, 6, "qqp", ("question1", "question2"), _HUB_TRAIN_DEV),
+    "mnli": _GlueLayout(
         "MNLI", {"train": ("train.tsv", "train_extra_subset.tsv"), "dev": ("dev_matched.tsv",),
                  "dev_mismatched": ("dev_mismatched.tsv",)},
         True, 8, 9, -1, 11, "mnli", ("premise", "hypothesis"),
         {"train": "train", "dev": "validation_matched", "dev_mismatched": "validation_mismatched"},
     ),
-    "qnli": GlueLayout("QNLI", {"train": ("train.tsv", "train_extra_subset.tsv"), "dev": ("dev.tsv",)},
+    "qnli": _GlueLayout("QNLI", {"train": ("train.tsv", "train_extra_subset.tsv"), "dev": ("dev.tsv",)},
                        True, 1, 2, 3, 4, "qnli", ("question", "sentence"), _HUB_TRAIN_DEV),
-    "rte": GlueLayout("RTE", _TRAIN_DEV, True, 1, 2, 3, 4, "rte", ("sentence1", "sentence2"), _HUB_TRAIN_DEV),
+    "rte": _GlueLayout("RTE", _TRAIN_DEV, True, 1, 2, 3, 4, "rte", ("sentence1", "sentence2"), _HUB_TRAIN_DEV),
 }
 
 EXTRA_TRAIN_FILE = "train_extra_subset.tsv"
 
 
-def expected_layout() -> str:
+def _expected_layout() -> str:
     """The directory layout a local GLUE copy must have, for error messages and docs."""
     lines = []
     for name, layout in GLUE_LAYOUTS.items():
@@ -108,7 +108,7 @@ def glue_dir_from(glue_dir: str | os.PathLike | None = None) -> Path | None:
     return None if value is None else Path(value).expanduser()
 
 
-def _row_parser(spec: TaskSpec, layout: GlueLayout) -> Callable[[list[str]], dict]:
+def _row_parser(spec: TaskSpec, layout: _GlueLayout) -> Callable[[list[str]], dict]:
     def parse(fields: list[str]) -> dict:
         if len(fields) < layout.min_fields:
             raise BadRow(f"{len(fields)} columns, expected {layout.min_fields}")
@@ -124,7 +124,7 @@ def _row_parser(spec: TaskSpec, layout: GlueLayout) -> Callable[[list[str]], dic
     return parse
 
 
-def read_glue_file(spec: TaskSpec, layout: GlueLayout, path: Path) -> list[dict]:
+def _read_glue_file(spec: TaskSpec, layout: _GlueLayout, path: Path) -> list[dict]:
     """The rows of one GLUE TSV file as records (malformed rows skipped with a warning, >1% an error)."""
     with open_text(path, f"GLUE task {spec.name!r}") as handle:
         rows = delimited_rows(handle, "\t", csv.QUOTE_NONE)
@@ -164,7 +164,7 @@ def load_glue_local(name: str, glue_dir: str | os.PathLike, include_extra_train:
             raise OsrmFileError(
                 f"GLUE task {name!r}: file not found: {required}\n"
                 f"Expected the standard GLUE layout under {Path(glue_dir)} (set glue_dir or ${GLUE_DIR_ENV}):\n"
-                f"{expected_layout()}"
+                f"{_expected_layout()}"
             )
 
     def loader(split: str) -> Callable[[], datasets.Dataset]:
@@ -172,7 +172,7 @@ def load_glue_local(name: str, glue_dir: str | os.PathLike, include_extra_train:
             files = layout.files[split]
             if split == "train" and not include_extra_train:
                 files = files[:1]
-            parts = [read_glue_file(spec, layout, folder / f) for f in files if (folder / f).is_file()]
+            parts = [_read_glue_file(spec, layout, folder / f) for f in files if (folder / f).is_file()]
             return records_to_dataset(spec, _union_without_duplicates(parts), f"{folder}/{split}")
 
         return load

@@ -90,14 +90,14 @@ def _keywords(function) -> tuple[str, ...]:
     return tuple(p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY)
 
 
-def task_options() -> tuple[str, ...]:
+def _task_options() -> tuple[str, ...]:
     """Every option `get_task` takes besides the name: its sources' own, then those of users' files."""
     return (*_keywords(get_task), *_keywords(load_file_task))
 
 
 def _check_options(name: str, file_options: Mapping[str, Any]) -> None:
     """A misspelt option is an error naming it, never a keyword a loader would choke on or ignore."""
-    allowed = task_options()
+    allowed = _task_options()
     for key in file_options:
         if key not in _keywords(load_file_task):
             hint = did_you_mean(key, allowed)

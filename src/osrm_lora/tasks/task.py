@@ -16,7 +16,7 @@ from .sampling import make_rng, sample_indices
 from .spec import TaskError, TaskSpec
 
 
-def dataset_features(spec: TaskSpec) -> datasets.Features:
+def _dataset_features(spec: TaskSpec) -> datasets.Features:
     columns = {"text": datasets.Value("string")}
     if spec.is_pair:
         columns["text_pair"] = datasets.Value("string")
@@ -46,7 +46,7 @@ def records_to_dataset(spec: TaskSpec, records: Iterable[Mapping[str, Any]], whe
         if spec.is_pair:
             columns["text_pair"].append(pair)
         columns["label"].append(label)
-    return datasets.Dataset.from_dict(columns, features=dataset_features(spec))
+    return datasets.Dataset.from_dict(columns, features=_dataset_features(spec))
 
 
 def column(data: datasets.Dataset, name: str) -> list:

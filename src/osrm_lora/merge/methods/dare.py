@@ -19,13 +19,13 @@ from ..types import MergedModule, ModuleInputs, resolve_weights
 from .ties import disjoint_mean, elect_sign
 
 
-def module_seed(seed: int, module: str) -> int:
+def _module_seed(seed: int, module: str) -> int:
     """A stable 63-bit seed per (seed, module) pair (Python's hash() is salted per process)."""
     digest = hashlib.sha256(f"{seed}:{module}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def drop_and_rescale_(tensor: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+def _drop_and_rescale_(tensor: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
     """In place: keep each entry with probability 1-p and divide the kept ones by 1-p (unbiased: E = tensor)."""
     keep = 1.0 - drop_rate
     mask = torch.bernoulli(torch.full_like(tensor, keep), generator=generator)
@@ -40,14 +40,14 @@ class DareParams(WeightedParams):
     seed: int = Field(0, description="Base seed; each module's masks use a generator seeded by (seed, module).")
 
 
-def dropped_deltas(inputs: ModuleInputs, params: DareParams) -> Iterator[torch.Tensor]:
+def _dropped_deltas(inputs: ModuleInputs, params: DareParams) -> Iterator[torch.Tensor]:
     """Each task's dense update after drop-and-rescale, one at a time; every call draws the same masks."""
-    generator = torch.Generator(device=inputs.device).manual_seed(module_seed(params.seed, inputs.name))
+    generator = torch.Generator(device=inputs.device).manual_seed(_module_seed(params.seed, inputs.name))
     for task in range(len(inputs.factors)):
-        yield drop_and_rescale_(inputs.delta(task), params.drop_rate, generator)
+        yield _drop_and_rescale_(inputs.delta(task), params.drop_rate, generator)
 
 
-def weighted_sum(values_by_task: Iterable[torch.Tensor], weights: list[float]) -> torch.Tensor:
+def _weighted_sum(values_by_task: Iterable[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Σ w_i values_i, reading (and overwriting) one task's tensor at a time."""
     total = None
     for values, w in zip(values_by_task, weights):
@@ -61,8 +61,8 @@ def dare(inputs: ModuleInputs, params: DareParams) -> MergedModule:
     disjoint mean), drawing the same masks both times."""
     weights = resolve_weights(params.weights, len(inputs.factors))
     if params.combine == "ties":
-        sign = elect_sign(weighted_sum(dropped_deltas(inputs, params), [1.0] * len(weights)))
-        merged = disjoint_mean(dropped_deltas(inputs, params), weights, sign)
+        sign = elect_sign(_weighted_sum(_dropped_deltas(inputs, params), [1.0] * len(weights)))
+        merged = disjoint_mean(_dropped_deltas(inputs, params), weights, sign)
     else:
-        merged = weighted_sum(dropped_deltas(inputs, params), weights)
+        merged = _weighted_sum(_dropped_deltas(inputs, params), weights)
     return MergedModule(inputs.name, delta=params.scaling * merged)

@@ -17,7 +17,7 @@ from ..registry import MethodParams, register
 from ..types import MergedModule, ModuleInputs
 
 
-def elect_unified(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _elect_unified(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(τ_uni, boolean masks M (T×…)) from task updates stacked on dim 0, one task's temporaries at a time."""
     sign = torch.sign(stacked.sum(dim=0))
     magnitude = torch.zeros_like(sign)
@@ -30,7 +30,7 @@ def elect_unified(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return unified, masks
 
 
-def rescaler_sums(stacked: torch.Tensor, unified: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def _rescaler_sums(stacked: torch.Tensor, unified: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """T×2: per task, Σ|τ_i| and Σ|M_i ⊙ τ_uni| (float64, so sums over many modules stay exact)."""
     magnitude = unified.abs()
     rows = [
@@ -40,7 +40,7 @@ def rescaler_sums(stacked: torch.Tensor, unified: torch.Tensor, masks: torch.Ten
     return torch.stack(rows)
 
 
-def rescalers(sums: torch.Tensor) -> torch.Tensor:
+def _rescalers(sums: torch.Tensor) -> torch.Tensor:
     """λ_i = Σ|τ_i| / Σ|M_i ⊙ τ_uni|; 0 for a task whose mask keeps nothing."""
     own, kept = sums[:, 0], sums[:, 1]
     return torch.where(kept > 0, own / kept.clamp(min=torch.finfo(kept.dtype).tiny), torch.zeros_like(own))
@@ -53,7 +53,7 @@ class EmrParams(MethodParams):
 
 
 def emr_totals(inputs: ModuleInputs, params: EmrParams) -> torch.Tensor:
-    return sum(rescaler_sums(stacked, *elect_unified(stacked)) for _, stacked in inputs.delta_blocks())
+    return sum(_rescaler_sums(stacked, *_elect_unified(stacked)) for _, stacked in inputs.delta_blocks())
 
 
 @register(
@@ -68,10 +68,10 @@ def emr(inputs: ModuleInputs, params: EmrParams) -> MergedModule:
     sums = inputs.totals if not per_module else torch.zeros(len(inputs.factors), 2, dtype=torch.float64,
                                                              device=inputs.device)
     for rows, stacked in inputs.delta_blocks():
-        unified[rows], masks[:, rows] = elect_unified(stacked)
+        unified[rows], masks[:, rows] = _elect_unified(stacked)
         if per_module:
-            sums += rescaler_sums(stacked, unified[rows], masks[:, rows])
-    scales = rescalers(sums).tolist()
+            sums += _rescaler_sums(stacked, unified[rows], masks[:, rows])
+    scales = _rescalers(sums).tolist()
     return MergedModule(
         inputs.name, delta=unified,
         task_masks={t: masks[i] for i, t in enumerate(inputs.tasks)},

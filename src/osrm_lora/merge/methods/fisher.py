@@ -20,7 +20,7 @@ from ..registry import ScaledParams, register
 from ..types import MergedModule, ModuleInputs, resolve_weights
 
 
-def fisher_weighted_mean(
+def _fisher_weighted_mean(
     deltas: Iterable[torch.Tensor], fishers: list[torch.Tensor], weights: list[float], floor: float
 ) -> torch.Tensor:
     """Σ w_i max(F_i, floor) ΔW_i / Σ w_i max(F_i, floor), entrywise; `deltas` may be produced one at a time."""
@@ -51,5 +51,5 @@ class FisherParams(ScaledParams):
 def fisher(inputs: ModuleInputs, params: FisherParams) -> MergedModule:
     weights = resolve_weights(params.weights, len(inputs.factors))
     deltas = (f.delta(torch.float32) for f in inputs.factors)  # one dense task update alive at a time
-    merged = fisher_weighted_mean(deltas, inputs.extra("fisher"), weights, params.floor)
+    merged = _fisher_weighted_mean(deltas, inputs.extra("fisher"), weights, params.floor)
     return MergedModule(inputs.name, delta=params.scaling * merged)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 RELATIVE_RANK_TOLERANCE = 1e-10
 
 
-def concatenated_svd(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _concatenated_svd(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """U (out×k), S (k), [V_iᵀ (k×in)] of [ΔW_1 … ΔW_T] from the factors alone, in float64; k = its rank."""
     Q, R = torch.linalg.qr(torch.cat([f.scale * f.B.double() for f in factors], dim=1))
     bases, blocks, start = [], [], 0
@@ -66,7 +66,7 @@ def knots(inputs: ModuleInputs, params: KnotsParams) -> MergedModule:
     from ...adapters import LoraFactors
 
     weights = resolve_weights(params.weights, len(inputs.factors))
-    U, S, Vts = concatenated_svd(inputs.factors)
+    U, S, Vts = _concatenated_svd(inputs.factors)
     blocks = [S[:, None] * Vt for Vt in Vts]
     if params.combine == "ties":
         merged = sign_consensus_merge(torch.stack(blocks), weights, params.density)

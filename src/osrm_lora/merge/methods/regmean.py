@@ -19,12 +19,12 @@ from ..registry import ScaledParams, register
 from ..types import MergedModule, ModuleInputs
 
 
-def shrink_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+def _shrink_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     """α G + (1−α) diag(G): keeps the diagonal, scales the off-diagonal entries by α."""
     return alpha * gram + (1.0 - alpha) * torch.diag(torch.diagonal(gram))
 
 
-def right_solve_symmetric(rhs: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+def _right_solve_symmetric(rhs: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """rhs · matrix⁻¹ for a symmetric positive semi-definite matrix (Cholesky, else pseudo-inverse)."""
     chol, info = torch.linalg.cholesky_ex(matrix)
     if int(info) == 0:
@@ -54,6 +54,6 @@ def regmean(inputs: ModuleInputs, params: RegMeanParams) -> MergedModule:
         A, G = f.A.double(), gram.double()
         projected.append(params.alpha * (A @ G) + (1.0 - params.alpha) * A * torch.diagonal(G))
         total.add_(G)
-    A = right_solve_symmetric(torch.cat(projected, dim=0), shrink_gram(total, params.alpha)).to(torch.float32)
+    A = _right_solve_symmetric(torch.cat(projected, dim=0), _shrink_gram(total, params.alpha)).to(torch.float32)
     B = torch.cat([params.scaling * f.scale * f.B for f in inputs.factors], dim=1)
     return MergedModule(inputs.name, factors=LoraFactors(A, B, 1.0))

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ...adapters import LoraFactors
 
 
-def weighted_sum_factors(factors: list[LoraFactors], coefficients: list[float]) -> LoraFactors:
+def _weighted_sum_factors(factors: list[LoraFactors], coefficients: list[float]) -> LoraFactors:
     """Exact factors of Σ_i c_i s_i B_i A_i: rows of A stacked, scaled columns of B side by side."""
     from ...adapters import LoraFactors
 
@@ -41,7 +41,7 @@ class AverageParams(ScaledParams):
 )
 def task_arithmetic(inputs: ModuleInputs, params: TaskArithmeticParams) -> MergedModule:
     weights = resolve_weights(params.weights, len(inputs.factors))
-    factors = weighted_sum_factors(inputs.factors, [params.scaling * w for w in weights])
+    factors = _weighted_sum_factors(inputs.factors, [params.scaling * w for w in weights])
     return MergedModule(inputs.name, factors=factors)
 
 
@@ -49,5 +49,5 @@ def task_arithmetic(inputs: ModuleInputs, params: TaskArithmeticParams) -> Merge
           exact_low_rank=True)
 def average(inputs: ModuleInputs, params: AverageParams) -> MergedModule:
     n = len(inputs.factors)
-    factors = weighted_sum_factors(inputs.factors, [params.scaling / n] * n)
+    factors = _weighted_sum_factors(inputs.factors, [params.scaling / n] * n)
     return MergedModule(inputs.name, factors=factors)

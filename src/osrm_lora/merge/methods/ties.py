@@ -22,7 +22,7 @@ from ..registry import WeightedParams, register
 from ..types import MergedModule, ModuleInputs, resolve_weights
 
 
-def magnitude_threshold(tensor: torch.Tensor, keep: int) -> torch.Tensor:
+def _magnitude_threshold(tensor: torch.Tensor, keep: int) -> torch.Tensor:
     """The keep-th largest |value| of `tensor` (1 ≤ keep ≤ numel), exactly.
 
     A radix select: histogram the top 16 bits of |value|, find the bucket holding the cut, and select within that
@@ -43,18 +43,18 @@ def magnitude_threshold(tensor: torch.Tensor, keep: int) -> torch.Tensor:
     return threshold.reshape(1).view(magnitude.dtype)[0]
 
 
-def trim_threshold(tensor: torch.Tensor, density: float) -> torch.Tensor | None:
+def _trim_threshold(tensor: torch.Tensor, density: float) -> torch.Tensor | None:
     """The |value| an entry needs to survive a trim to `density` (None: everything is kept; ties at the cut are
     kept, so exactly int(density·numel) entries survive unless values repeat at the cut)."""
     if density >= 1.0:
         return None
     keep = int(density * tensor.numel())
-    return magnitude_threshold(tensor, keep) if keep > 0 else torch.tensor(torch.inf, dtype=tensor.dtype)
+    return _magnitude_threshold(tensor, keep) if keep > 0 else torch.tensor(torch.inf, dtype=tensor.dtype)
 
 
-def trim_by_magnitude_(tensor: torch.Tensor, density: float) -> torch.Tensor:
+def _trim_by_magnitude_(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """In place: zero all but the int(density·numel) entries of largest |value|."""
-    threshold = trim_threshold(tensor, density)
+    threshold = _trim_threshold(tensor, density)
     return tensor if threshold is None else tensor.mul_(tensor.abs() >= threshold)
 
 
@@ -82,16 +82,16 @@ def disjoint_mean(values_by_task: Iterable[torch.Tensor], weights: list[float], 
 def sign_consensus_merge(stacked: torch.Tensor, weights: list[float], density: float = 1.0) -> torch.Tensor:
     """TIES combination of task tensors stacked on dim 0 (trimmed in place): trim, elect signs, disjoint mean."""
     for values in stacked:
-        trim_by_magnitude_(values, density)
+        _trim_by_magnitude_(values, density)
     return disjoint_mean(stacked, weights, elect_sign(stacked.sum(dim=0)))
 
 
-def ties_blocked(inputs: ModuleInputs, weights: list[float], density: float) -> torch.Tensor:
+def _ties_blocked(inputs: ModuleInputs, weights: list[float], density: float) -> torch.Tensor:
     """TIES of the dense updates, formed a block of rows at a time (the same result as stacking them all).
 
     Each task's threshold comes from its whole update (formed once, then dropped); the merge pass forms the
     updates again by the same row blocks, so the entries compared with a threshold are the ones it came from."""
-    thresholds = [trim_threshold(inputs.delta(i), density) if density < 1.0 else None
+    thresholds = [_trim_threshold(inputs.delta(i), density) if density < 1.0 else None
                   for i in range(len(inputs.factors))]
     merged = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.device)
     for rows, stacked in inputs.delta_blocks():
@@ -109,5 +109,5 @@ class TiesParams(WeightedParams):
 @register("ties", TiesParams, "TIES (Yadav et al. 2023): trim to top-k magnitude, elect sign, disjoint mean, ×λ.")
 def ties(inputs: ModuleInputs, params: TiesParams) -> MergedModule:
     weights = resolve_weights(params.weights, len(inputs.factors))
-    merged = ties_blocked(inputs, weights, params.density)
+    merged = _ties_blocked(inputs, weights, params.density)
     return MergedModule(inputs.name, delta=params.scaling * merged)
