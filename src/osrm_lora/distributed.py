@@ -96,6 +96,18 @@ def model_device() -> torch.device:
     return torch.device("cuda", _local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def load_on_device(name: str, task: Task, *, trust_remote_code: bool = False,
+                   model_dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer) of a model name, loaded as in `osrm-lora train` (sequence classification head sized
+    for `task`, float32) onto this rank's device, cast to `model_dtype` if given: how the statistics commands
+    (plain and padded) load the model they feed."""
+    from .runtime.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(name, task.spec, trust_remote_code=trust_remote_code)
+    model.to(device=model_device(), dtype=model_dtype)
+    return model, tokenizer
+
+
 def collect_task_stats(
     task: Task,
     model_name_or_model: str | torch.nn.Module,
@@ -136,13 +148,9 @@ def collect_task_stats(
     from .modules import default_target_modules
 
     if isinstance(model_name_or_model, (str, os.PathLike)):
-        from .runtime.models import load_model_and_tokenizer
-
         name = str(model_name_or_model)
-        model, loaded_tokenizer = load_model_and_tokenizer(
-            name, task.spec, trust_remote_code=trust_remote_code
-        )
-        model.to(device=model_device(), dtype=model_dtype)
+        model, loaded_tokenizer = load_on_device(name, task, trust_remote_code=trust_remote_code,
+                                                 model_dtype=model_dtype)
         tokenizer = tokenizer or loaded_tokenizer
         model_id = model_id or name
     else:

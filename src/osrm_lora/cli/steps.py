@@ -44,7 +44,9 @@ app = typer.Typer()
 
 
 @app.command(
-    epilog="Example: osrm-lora stats --model builtin:minilm --task trec --samples 64 --out trec.safetensors"
+    epilog="Examples:\n\n"
+    "  osrm-lora stats --model builtin:minilm --task trec --samples 64 --out trec.safetensors\n\n"
+    "  osrm-lora stats --model builtin:minilm --task trec --samples 100 --padded --out padded/trec.safetensors"
 )
 def stats(
     model: ModelOpt,
@@ -55,7 +57,9 @@ def stats(
     ] = 64,
     split: Annotated[str, typer.Option("--split", help="split to sample")] = "train",
     seed: Annotated[int, typer.Option("--seed", help="seed of the sample of the split")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="per process")] = 16,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="per process (with --padded: one example at a time)")
+    ] = 16,
     max_length: MaxLengthOpt = 128,
     target_modules: Annotated[
         str | None,
@@ -63,6 +67,11 @@ def stats(
             "--target-modules", help="comma-separated module names (default: the model type's query/value)"
         ),
     ] = None,
+    padded: Annotated[
+        bool,
+        typer.Option("--padded", help="the official OSRM code's padded means, for `init --variant official`: "
+                     "its own seeded sample, each example padded to --max-length, padding counted"),
+    ] = False,
     glue_dir: GlueDirOpt = None,
     files: FilesOpt = None,
     task_option: TaskOptionOpt = None,
@@ -74,6 +83,8 @@ def stats(
 
     Runs on several GPUs or nodes unchanged under `torchrun` or `accelerate launch` (`-m osrm_lora.cli
     stats ...`): each process feeds its share of the sample, the sums are all-reduced, rank 0 writes.
+    \f
+    Long because typer declares each of its 16 options as a parameter; the body is 30 lines.
     """
     from ..distributed import collect_task_stats, init_from_env, is_main
     from ..io import check_output
@@ -84,32 +95,49 @@ def stats(
     quiet_libraries()
     init_from_env()
     the_task = load_task(task, glue_dir, files, task_option)
+    common = {
+        "split": split,
+        "samples": samples,
+        "seed": seed,
+        "max_length": max_length,
+        "target_modules": target_modules.split(",") if target_modules else None,
+        "out_path": out_file,
+        "progress": not quiet,
+        "overwrite": overwrite,
+        "inputs": inputs,
+    }
     with to_stderr():
-        result = collect_task_stats(
-            the_task,
-            model,
-            split=split,
-            samples=samples,
-            seed=seed,
-            batch_size=batch_size,
-            max_length=max_length,
-            target_modules=target_modules.split(",") if target_modules else None,
-            out_path=out_file,
-            trust_remote_code=trust_remote_code,
-            progress=not quiet,
-            overwrite=overwrite,
-            inputs=inputs,
-        )
+        if padded:
+            result = _padded_means(the_task, model, trust_remote_code, **common)
+        else:
+            result = collect_task_stats(the_task, model, batch_size=batch_size, trust_remote_code=trust_remote_code,
+                                        **common)
     if is_main():
-        out.print(f"{out_file}: task {the_task.name}, {len(result.modules)} modules, {result.tokens} tokens")
+        what = "padded means, " if padded else ""
+        out.print(f"{out_file}: task {the_task.name}, {what}{len(result.modules)} modules, {result.tokens} tokens")
 
 
-@app.command("init", epilog="Example: osrm-lora init stats/*.safetensors --rank 8 --out subspaces/")
+def _padded_means(task, model: str, trust_remote_code: bool, **options):
+    """The official OSRM code's padded means: `inits.official_tensors.official_stats`, the function that writes
+    an experiment's stats/padded/ files, on the model loaded as for plain statistics."""
+    from ..distributed import load_on_device
+    from ..inits.official_tensors import official_stats
+
+    loaded, tokenizer = load_on_device(model, task, trust_remote_code=trust_remote_code)
+    return official_stats(task, loaded, tokenizer, model_id=model, **options)
+
+
+@app.command(
+    "init",
+    epilog="Examples:\n\n"
+    "  osrm-lora init stats/*.safetensors --rank 8 --out subspaces/\n\n"
+    "  osrm-lora init padded/*.safetensors --variant official --rank 8 --out official/",
+)
 def init_subspaces(
     stats_files: Annotated[
         list[Path],
-        typer.Argument(help="statistics files of every task (from `osrm-lora stats`); Hub files "
-                       "user/repo/path[@revision] too"),
+        typer.Argument(help="statistics files of every task (from `osrm-lora stats`; `stats --padded` for "
+                       "--variant official); Hub files user/repo/path[@revision] too"),
     ],
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="folder for one <task>.safetensors subspace per task")
@@ -118,31 +146,41 @@ def init_subspaces(
         int, typer.Option("--rank", "-r", min=1, help="directions per module (≥ the LoRA rank)")
     ] = 8,
     variant: Annotated[
-        str, typer.Option("--variant", help="cov (paper), centered, or mean (null space of the others' means)")
+        str,
+        typer.Option("--variant", help="cov (paper), centered, mean (null space of the others' means), or "
+                     "official (the official code's, from padded means)"),
     ] = "cov",
-    weighting: Annotated[str, typer.Option("--weighting", help="equal, tokens or trace")] = "equal",
+    weighting: Annotated[
+        str, typer.Option("--weighting", help="equal, tokens or trace (official stacks the means unweighted)")
+    ] = "equal",
     overwrite: OverwriteOpt = False,
     allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Compute OSRM subspaces: each task's lora_A init from the OTHER tasks' statistics (leave-one-out).
 
-    Train with them via `osrm-lora train --init osrm --subspace subspaces/<task>.safetensors`, or in your own
-    trainer with `osrm_lora.osrm_init(peft_model, Subspace.load(path))`.
+    Train with them via `osrm-lora train --init osrm --subspace subspaces/<task>.safetensors` (`--init
+    osrm-official` for --variant official), or in your own trainer with `osrm_lora.osrm_init(peft_model,
+    Subspace.load(path))`.
+    \f
+    Long because typer declares each of its 8 options as a parameter; the body is 35 lines.
     """
     from ..forecast import summarise
     from ..hub import hub_file
     from ..io import check_output
     from ..stats import TaskStats
-    from ..subspace import FORMAT, compute_subspaces
+    from ..subspace import FORMAT, OFFICIAL, VARIANTS
 
+    if variant not in (*VARIANTS, OFFICIAL):
+        fail(f"--variant {variant!r}: choose one of {', '.join((*VARIANTS, OFFICIAL))}")
     local = [hub_file(p) for p in stats_files]
     pool = [TaskStats.load(p) for p in local]
+    _check_padding(stats_files, pool, variant)
     paths = {s.task: out_dir / f"{s.task}.safetensors" for s in pool}
     for path in paths.values():  # refused before computing, not after
         check_output(path, FORMAT, folder=False, overwrite=overwrite, inputs=local)
     with identity.allow_model_mismatch(allow_model_mismatch):
-        subspaces = compute_subspaces(pool, rank, variant=variant, weighting=weighting)
+        subspaces = _subspaces(pool, rank, variant, weighting)
     summary = {}
     for name, subspace in subspaces.items():
         path = paths[name]
@@ -165,10 +203,38 @@ def init_subspaces(
     _print_forecast({name: info["forecast"] for name, info in summary.items() if info["forecast"]})
 
 
+def _check_padding(paths: list[Path], pool: list, variant: str) -> None:
+    """Padded means (`stats --padded`) make the official subspaces and nothing else: a file of the wrong kind
+    is named before any work."""
+    from ..subspace import OFFICIAL
+
+    for path, stats in zip(paths, pool):
+        padded = stats.extra.get("mask_padding") == "false"
+        if variant == OFFICIAL and not padded:
+            fail(f"{path}: statistics over real tokens; --variant official reads the official code's padded "
+                 f"means (osrm-lora stats --padded)")
+        if variant != OFFICIAL and padded:
+            fail(f"{path}: padded means (osrm-lora stats --padded) are for --variant official only; --variant "
+                 f"{variant} reads statistics over real tokens (osrm-lora stats without --padded)")
+
+
+def _subspaces(pool: list, rank: int, variant: str, weighting: str) -> dict:
+    """Every task's subspace from the other files' statistics: the functions of the experiment pipeline's
+    subspaces stage (`official_subspaces` for the official code's variant, else `compute_subspaces`)."""
+    from ..subspace import OFFICIAL, compute_subspaces, official_subspaces
+
+    if variant == OFFICIAL:
+        return official_subspaces(pool, rank)
+    return compute_subspaces(pool, rank, variant=variant, weighting=weighting)
+
+
 def _print_forecast(forecasts: dict[str, dict]) -> None:
-    """The forecast table (docs/modes.md) and a plain sentence for every task the OSRM subspace starves."""
+    """The forecast table (docs/modes.md) and a plain sentence for every task the OSRM subspace starves; none
+    for subspaces without a forecast (the official code's)."""
     from ..forecast import verdict
 
+    if not forecasts:
+        return
     table = Table("task", "OSRM: own", "OSRM: others", "contrast: own", "contrast: others", "null dim of Σ₋ᵢ",
                   title="Forecast: energy the rows capture, × the isotropic share r/d (mean over modules)")
     for name, f in forecasts.items():

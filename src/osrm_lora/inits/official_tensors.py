@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import datasets
@@ -62,11 +62,13 @@ def official_stats(
     task: Task, model: torch.nn.Module, tokenizer, target_modules: str | Sequence[str] | None = None, *,
     samples: int = OFFICIAL_SAMPLES, seed: int = 0, max_length: int = OFFICIAL_MAX_LENGTH, split: str = "train",
     model_id: str | None = None, out_path: str | os.PathLike | None = None, progress: bool = False,
+    overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
 ) -> TaskStats:
     """`task`'s statistics over the official code's padded sample; their `mean` is its mean input vector.
 
     `target_modules=None` targets the model type's query and value projections. Under torch.distributed every
-    rank runs its share of the examples and the sums are all-reduced; rank 0 alone writes `out_path`.
+    rank runs its share of the examples and the sums are all-reduced; rank 0 alone writes `out_path`
+    (`overwrite` and `inputs` are `TaskStats.save`'s: what it may replace).
     """
     if target_modules is None:
         target_modules = default_target_modules(model.config.model_type)
@@ -79,6 +81,6 @@ def official_stats(
                         "max_length": str(max_length), "padding": "max_length"})
     if out_path is not None:
         if is_main():
-            stats.save(Path(out_path))
+            stats.save(Path(out_path), overwrite=overwrite, inputs=inputs)
         barrier()
     return stats
