@@ -102,12 +102,14 @@ def test_official_subspaces_match_the_transcription(tasks, with_eos, caplog):
     assert any(len(x.split()) > L - 2 for v in texts.values() for x in v)  # left truncation is exercised
     expected = transcription(model, tok, texts, targets)
     subspaces = official_subspaces(stats, R)
+    wider = official_subspaces(stats, 2 * R)  # computed with a larger rank, a rank-R LoRA still starts on these
     for t in TASKS:
         assert subspaces[t].variant == "official" and subspaces[t].others == [u for u in TASKS if u != t]
         assert subspaces[t].config_hash == _model_config_hash(model)
         for name, rows in expected[t].items():
             torch.testing.assert_close(subspaces[t].A[name], rows, atol=2e-5, rtol=0)
             torch.testing.assert_close(rows @ rows.T, torch.eye(R), atol=1e-5, rtol=0)
+            torch.testing.assert_close(wider[t].rows(name, R), rows, atol=2e-5, rtol=0)
             assert subspaces[t].spectrum[name]["null_dim"] == 32 - 2
 
 

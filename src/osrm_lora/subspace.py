@@ -79,14 +79,16 @@ class Subspace:
         return int(self._get(module).shape[0])
 
     def rows(self, module: str, r: int) -> torch.Tensor:
-        """The first r rows for `module` (the r directions with the least other-task energy)."""
+        """The r rows for `module` a LoRA of rank r starts from: the first r (the directions with the least
+        other-task energy); for `osrm-official` the last r, as that code takes the last r rows of Vᵀ, so a
+        subspace computed with a larger rank gives the same rows as one computed with r."""
         A = self._get(module)
         if r > A.shape[0]:
             raise SubspaceMismatchError(
                 f"subspace of task {self.task!r}, module {module}: LoRA rank {r} needs {r} rows but only "
                 f"{A.shape[0]} were computed; recompute the subspace with rank >= {r}"
             )
-        return A[:r]
+        return A[-r:] if self.variant == OFFICIAL else A[:r]
 
     def _get(self, module: str) -> torch.Tensor:
         try:
