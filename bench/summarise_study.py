@@ -149,11 +149,11 @@ def load_chunks(folder: Path) -> tuple[list[dict], dict[str, Any]]:
     for chunk in chunks:
         if chunk.get("format") != CHUNK_FORMAT:
             sys.exit(f"error: {folder}: seed{chunk.get('seed')}_{chunk.get('group')}.json is not {CHUNK_FORMAT}")
-    first = chunks[0]
+    first, config = chunks[0], chunks[0]["experiment"]["config"]  # experiment.json: the validated study file
     present = {i for c in chunks for i in c["inits"]}
     order = [i for inits in GROUPS.values() for i in inits if i in present]
     results = {
-        "format": RESULTS_FORMAT, "experiment": first["experiment"]["name"], "model": first["experiment"]["model"],
+        "format": RESULTS_FORMAT, "experiment": config["name"], "model": config["model"]["name"],
         "tasks": first["tasks"], "inits": order, "methods": first["methods"],
         "seeds": sorted({c["seed"] for c in chunks}), "reference_init": REFERENCE,
         "evaluation": first["evaluation"], "fixed_lambda": first["fixed_lambda"],
@@ -243,8 +243,12 @@ def verdict_words(d: Mapping[str, Any]) -> str:
                        f"({points(d['vs_control'])}), whose own difference from kaiming "
                        f"({points(d['control_vs_reference'])}) accounts for the candidate's ({points(d['vs_reference'])}).")
     n = d["n_to_decide"]
-    more = (f"about n = {n} seeds would decide it if the mean and s.d. stay as measured" if n is not None else
-            "no affordable number of seeds would decide it (its mean sits on a threshold)")
+    if len(d["seeds"]) < 2:
+        more = "one seed has no interval: the number of seeds that decides it needs a second seed's spread"
+    elif n is not None:
+        more = f"about n = {n} seeds would decide it if the mean and s.d. stay as measured"
+    else:
+        more = "no affordable number of seeds would decide it (its mean sits on a threshold)"
     return head + (f"{d['verdict']} — vs random-orthonormal {points(d['vs_control'])}, vs kaiming "
                    f"{points(d['vs_reference'])}, random-orthonormal vs kaiming {points(d['control_vs_reference'])}, "
                    f"single-task {100 * d['single_task']['mean']:+.2f}; {more}.")

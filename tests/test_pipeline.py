@@ -302,6 +302,23 @@ def test_the_official_init_has_its_own_statistics_pool(model_dir, tmp_path):
         parse_experiment(data, "pools")
 
 
+def test_a_chunk_needing_fewer_statistics_is_reported_whole(model_dir, tmp_path):
+    """A chunk whose inits need no padded means (kaiming, after a chunk of osrm-official made them) leaves
+    interference and diagnostics units that the whole study counts as finished: they read only the merged
+    tasks' statistics, not every statistics file of the run."""
+    path = write_experiment(tmp_path, model_dir)
+    data = yaml.safe_load(path.read_text())
+    data.update(inits=["kaiming", "osrm-official"], merge=[{"method": "task_arithmetic", "lambdas": [1.0]}],
+                pool_tasks=[{**data["tasks"][1], "name": "extra"}],
+                statistics={**data["statistics"], "official_pool": [*TASKS, "extra"]})
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    config = load_experiment(path)
+    run_experiment(config, inits=["osrm-official"], progress=False)  # the padded means exist from now on
+    results = run_experiment(config, inits=["kaiming"], progress=False).results
+    for kind in ("interference", "diagnostics"):
+        assert sorted((r["init"], r["seed"]) for r in results[kind]) == [("kaiming", 0), ("osrm-official", 0)]
+
+
 def test_statistics_pool_sample_sizes_and_init_entries(model_dir, tmp_path):
     """A pool task that is not merged, two sample sizes, an init with options, the official code's init and a
     control: the units per size, the pool in each subspace, the init options in each adapter, `samples` in the

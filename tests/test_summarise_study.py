@@ -62,7 +62,7 @@ def chunk(study, seed: int, group: str) -> dict:
     return {"format": study.CHUNK_FORMAT, "seed": seed, "group": group, "inits": inits, "device": "cpu",
             "precision": "fp32", "machine": {"cpu": "test", "cores": 2, "torch": "x"},
             "compute": {"wall_minutes": 1.0, "cpu_minutes": 2.0, "max_rss_gb": 1.0},
-            "experiment": {"name": "study", "model": "builtin:minilm"}, "tasks": TASKS,
+            "experiment": {"config": {"name": "study", "model": {"name": "builtin:minilm"}}}, "tasks": TASKS,
             "methods": ["task_arithmetic"], "fixed_lambda": {"task_arithmetic": 1.0}, "evaluation": {},
             "primary_metrics": dict.fromkeys(TASKS, "accuracy"), "forecast": {}, "individual": individual,
             "merged": [], "selection": selection, "interference": [], "diagnostics": [], "modes": []}

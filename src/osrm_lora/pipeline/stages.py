@@ -26,6 +26,13 @@ def _by_name(digests: Digests) -> dict[str, str]:
     return {key.name: digest for key, digest in digests.items()}
 
 
+def _reference_stats(ctx: Context, upstream) -> dict[str, str]:
+    """The digests of the merged tasks' reference statistics: what interference, diagnostics and base Grams
+    read. Only these, not every statistics unit of the config, so that a chunk whose inits need fewer
+    statistics (no padded means, no other sample sizes) makes the same units as the whole study."""
+    return {key.name: upstream["stats"][key] for key in map(StatsKey, ctx.config.task_names)}
+
+
 def _subspace_variant(ctx: Context, init: str) -> str | None:
     """The subspace variant a registered init starts from (None: it uses none)."""
     from ..inits import get_init
@@ -433,7 +440,7 @@ class _MergeStage(Stage):
         if merge.grams == "finetuned":
             grams: Any = [upstream["grams"][run.adapter(t)] for t in tasks]
         else:
-            grams = _by_name(upstream["stats"]) if merge.grams == "base" else None
+            grams = _reference_stats(ctx, upstream) if merge.grams == "base" else None
         return {
             "adapters": [upstream["train"][run.adapter(t)] for t in tasks],
             "tasks": [ctx.task_inputs(t) for t in tasks],
@@ -511,7 +518,7 @@ def _run_units(ctx: Context, upstream, output: Callable[[RunKey], Path], **extra
             run = RunKey(init, seed)
             inputs = {
                 "adapters": [upstream["train"][run.adapter(t)] for t in c.task_names],
-                "stats": _by_name(upstream["stats"]),
+                "stats": _reference_stats(ctx, upstream),
                 **extra,
             }
             yield Unit(run, inputs, [output(run)])
