@@ -17,10 +17,13 @@ from osrm_lora.io import write_json, write_text
 from osrm_lora.report import best_lambda_table, fixed_lambda_table, table_markdown, write_report
 
 
-def stage_minutes(run_dir: Path) -> dict[str, float]:
-    """Compute minutes per pipeline stage, summed from the cache manifests (robust to a resumed run)."""
+def stage_minutes(run_dir: Path, window: tuple[float, float] | None = None) -> dict[str, float]:
+    """Compute minutes per pipeline stage, summed from the cache manifests (robust to a resumed run); with a
+    (start, end) `window`, only the units whose manifest was written in it (a chunk's: cached ones cost 0)."""
     seconds: dict[str, float] = {}
     for manifest in (run_dir / "manifests").rglob("*.json"):
+        if window is not None and not window[0] <= manifest.stat().st_mtime <= window[1]:
+            continue
         entry = json.loads(manifest.read_text())
         seconds[entry["stage"]] = seconds.get(entry["stage"], 0.0) + entry.get("seconds", 0.0)
     minutes = {stage: round(s / 60, 1) for stage, s in sorted(seconds.items())}

@@ -40,6 +40,7 @@ from typing import Any
 
 from scipy import stats
 
+from osrm_lora import study
 from osrm_lora.io import write_json, write_text
 from osrm_lora.paired import t_interval
 from osrm_lora.report import (
@@ -97,20 +98,10 @@ def parse_time_log(path: Path) -> dict[str, float]:
             "max_rss_gb": round(float(field("Maximum resident set size (kbytes)")) / 2**20, 2)}
 
 
-def chunk_stage_minutes(run_dir: Path, started: float, finished: float) -> dict[str, float]:
-    """Compute minutes per stage of the units whose manifest was written during the chunk (cached ones cost 0)."""
-    seconds: dict[str, float] = {}
-    for manifest in (run_dir / "manifests").rglob("*.json"):
-        if started <= manifest.stat().st_mtime <= finished:
-            entry = json.loads(manifest.read_text())
-            seconds[entry["stage"]] = seconds.get(entry["stage"], 0.0) + entry.get("seconds", 0.0)
-    return {**{stage: round(s / 60, 1) for stage, s in sorted(seconds.items())},
-            "total": round(sum(seconds.values()) / 60, 1)}
-
-
 def export_chunk(run_dir: Path, seed: int, group: str, time_log: Path, out_dir: Path) -> Path:
     """Write seed<seed>_<group>.json: the chunk's rows from the run's results.json, with its cost and machine."""
     from common import machine  # torch; only the export needs it
+    from summarise_quality import stage_minutes
 
     results = json.loads((run_dir / "results.json").read_text())
     inits = GROUPS[group]
@@ -123,7 +114,7 @@ def export_chunk(run_dir: Path, seed: int, group: str, time_log: Path, out_dir: 
         sys.exit(f"error: {run_dir}: seed {seed}, group {group} is not finished (run its chunk first)")
     cost = parse_time_log(time_log)
     finished = time_log.stat().st_mtime
-    cost["stage_minutes"] = chunk_stage_minutes(run_dir, finished - 60 * cost["wall_minutes"] - 60, finished)
+    cost["stage_minutes"] = stage_minutes(run_dir, (finished - 60 * cost["wall_minutes"] - 60, finished))
     record = {
         "format": CHUNK_FORMAT, "seed": seed, "group": group, "inits": inits,
         "command": f"osrm-lora run bench/study.yaml --seeds {seed} --inits {','.join(run_inits(group))}",
@@ -167,17 +158,8 @@ def load_chunks(folder: Path) -> tuple[list[dict], dict[str, Any]]:
 
 def per_seed_scores(results: Mapping[str, Any]) -> dict[tuple[str, str], dict[int, float]]:
     """(init, method) -> seed -> report average at the select-chosen λ; INDIVIDUAL: the unmerged adapters."""
-    out: dict[tuple[str, str], dict[int, float]] = {}
-    for entry in results["selection"]:
-        out.setdefault((entry["init"], entry["method"]), {})[entry["seed"]] = entry["selected"]["average"]
-    tasks = results["tasks"]
-    by_run: dict[tuple[str, int], dict[str, float]] = {}
-    for r in results["individual"]:
-        by_run.setdefault((r["init"], r["seed"]), {})[r["task"]] = r["score"]
-    for (init, seed), scores in by_run.items():
-        if set(tasks) <= set(scores):
-            out.setdefault((init, INDIVIDUAL), {})[seed] = statistics.fmean(scores[t] for t in tasks)
-    return out
+    chosen = study.per_seed_scores(results["selection"], results["individual"], results["tasks"])
+    return {key: {seed: score for seed, (score, _) in by_seed.items()} for key, by_seed in chosen.items()}
 
 
 def difference(scores: Mapping, a: str, b: str, method: str, seeds: Sequence[int]) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def select_lambdas(merged: Sequence[Mapping[str, Any]], tasks: Sequence[str]) ->
     return out
 
 
-def _per_seed(
+def per_seed_scores(
     selection: Sequence[Mapping[str, Any]], individual: Sequence[Mapping[str, Any]], tasks: Sequence[str]
 ) -> dict[tuple[str, str], dict[int, tuple[float, float | None]]]:
     """(init, method) -> seed -> (score averaged over tasks, λ it was taken at); INDIVIDUAL for the adapters."""
@@ -85,7 +85,7 @@ def paired_differences(
 
     Without `examples` there is no bootstrap interval."""
     tasks = list(results["tasks"])
-    per_seed = _per_seed(results["selection"], results["individual"], tasks)
+    per_seed = per_seed_scores(results["selection"], results["individual"], tasks)
     out = []
     for method in [*results["methods"], INDIVIDUAL]:
         ref = per_seed.get((reference, method), {})
