@@ -41,8 +41,11 @@ from typing import Any
 from scipy import stats
 
 from osrm_lora import study
+from osrm_lora.adapters import METADATA_NAME
 from osrm_lora.io import write_json, write_text
 from osrm_lora.paired import t_interval
+from osrm_lora.pipeline.keys import AdapterKey
+from osrm_lora.pipeline.layout import Layout
 from osrm_lora.report import (
     FORECAST_NOTE,
     RESULTS_FORMAT,
@@ -98,6 +101,18 @@ def parse_time_log(path: Path) -> dict[str, float]:
             "max_rss_gb": round(float(field("Maximum resident set size (kbytes)")) / 2**20, 2)}
 
 
+def training_device(run_dir: Path, seed: int, inits: Sequence[str], tasks: Sequence[str]) -> tuple[str, str]:
+    """The device and precision that trained the chunk's adapters, from their records; one of each per chunk.
+
+    Records written before adapters named their device were all trained on this project's CPUs."""
+    records = [json.loads((Layout(run_dir).adapter(AdapterKey(i, seed, t)) / METADATA_NAME).read_text())
+               for i in inits for t in tasks]
+    found = {(r.get("device", "cpu"), r["precision"]) for r in records}
+    if len(found) != 1:
+        sys.exit(f"error: {run_dir}: seed {seed}'s adapters were trained on mixed devices/precisions {sorted(found)}")
+    return found.pop()
+
+
 def export_chunk(run_dir: Path, seed: int, group: str, time_log: Path, out_dir: Path) -> Path:
     """Write seed<seed>_<group>.json: the chunk's rows from the run's results.json, with its cost and machine."""
     from common import machine  # torch; only the export needs it
@@ -112,13 +127,14 @@ def export_chunk(run_dir: Path, seed: int, group: str, time_log: Path, out_dir: 
             for kind in ROW_KINDS}
     if not mine["selection"] or {r["init"] for r in mine["individual"]} != set(inits):
         sys.exit(f"error: {run_dir}: seed {seed}, group {group} is not finished (run its chunk first)")
+    device, precision = training_device(run_dir, seed, inits, results["tasks"])
     cost = parse_time_log(time_log)
     finished = time_log.stat().st_mtime
     cost["stage_minutes"] = stage_minutes(run_dir, (finished - 60 * cost["wall_minutes"] - 60, finished))
     record = {
         "format": CHUNK_FORMAT, "seed": seed, "group": group, "inits": inits,
         "command": f"osrm-lora run bench/study.yaml --seeds {seed} --inits {','.join(run_inits(group))}",
-        "machine": machine(), "device": "cpu", "precision": "fp32", "compute": cost,
+        "machine": machine(), "device": device, "precision": precision, "compute": cost,
         "experiment": json.loads((run_dir / "experiment.json").read_text()),
         **{k: results[k] for k in ("tasks", "methods", "fixed_lambda", "evaluation", "primary_metrics")},
         "forecast": {i: f for i, f in (results.get("forecast") or {}).items() if i in inits},

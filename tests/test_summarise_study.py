@@ -123,3 +123,22 @@ def test_time_log_minutes(study, tmp_path):
                    "\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02:30\n"
                    "\tMaximum resident set size (kbytes): 2097152\n")
     assert study.parse_time_log(log) == {"wall_minutes": 62.5, "cpu_minutes": 2.0, "max_rss_gb": 2.0}
+
+
+def _adapter_records(run_dir: Path, records: dict[tuple[str, str], dict]) -> None:
+    for (init, task), record in records.items():
+        folder = run_dir / "adapters" / init / "seed2" / task
+        folder.mkdir(parents=True)
+        (folder / "osrm_lora.json").write_text(json.dumps(record))
+
+
+def test_chunk_device_and_precision_come_from_its_adapter_records(study, tmp_path):
+    gpu = {"device": "NVIDIA H200", "precision": "fp32"}
+    _adapter_records(tmp_path / "gpu", {(i, t): gpu for i in ("osrm", "kaiming") for t in TASKS})
+    assert study.training_device(tmp_path / "gpu", 2, ["osrm", "kaiming"], TASKS) == ("NVIDIA H200", "fp32")
+    _adapter_records(tmp_path / "old", {("osrm", t): {"precision": "fp32"} for t in TASKS})  # before "device"
+    assert study.training_device(tmp_path / "old", 2, ["osrm"], TASKS) == ("cpu", "fp32")
+    mixed = {("osrm", "sst2"): gpu, ("osrm", "qnli"): {**gpu, "precision": "bf16"}}
+    _adapter_records(tmp_path / "mixed", mixed)
+    with pytest.raises(SystemExit, match="mixed devices/precisions"):
+        study.training_device(tmp_path / "mixed", 2, ["osrm"], TASKS)

@@ -296,6 +296,8 @@ def test_saved_folder_reloads_on_a_fresh_base_with_identical_logits(task, bert_d
     assert meta["target_modules"] == ["query", "value"]
     assert meta["dev_metrics"] == result.metrics and "accuracy" in meta["dev_metrics"]
     assert meta["config_hash"] == _model_config_hash(base)
+    if not torch.cuda.is_available():
+        assert (meta["device"], meta["precision"]) == ("cpu", "fp32")
     if init == "olora":  # converted to a plain LoRA on the unmodified base: ΔW = BA − B₀A₀ has rank 2r
         assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
 

@@ -92,6 +92,11 @@ class TrainResult:
     model: Any = None
 
 
+def _device_name(device: torch.device) -> str:
+    """What trained the adapter ("cpu", or the GPU's name): a study records it with each result."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def _resolve_precision(precision: str, cuda: bool) -> str:
     """The concrete precision: bf16/fp16 only on a CUDA GPU (bf16 where it is supported)."""
     if precision == "auto":
@@ -465,6 +470,7 @@ def finetune(
         "regression_head_bias_init": head_bias,
         "saved_rank": 2 * lora.r if init_spec.mutates_base else lora.r,
         "precision": precision,
+        "device": _device_name(args.device),
         "world_size": args.world_size,
         "dev_metrics": metrics,
         "train_loss": float(train_output.training_loss),
