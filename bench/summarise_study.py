@@ -72,6 +72,8 @@ GROUPS = {
     "B": ["osrm-reg", "osrm-contrast", "osrm-project"],
 }
 CANDIDATES = ["osrm", "osrm-official", "osrm-reg", "osrm-contrast", "osrm-project"]
+OFFICIAL, OFFICIAL_BASELINE = "osrm-official", "gaussian"  # the official code's own comparison
+LAGGING = 0.05  # a single-task adapter this far below its task's median over every adapter is flagged
 KAIMING_FLOORS = {"sst2": 0.85, "qnli": 0.75, "mnli": 0.60, "qqp": 0.75}  # the issue's seed-0 training check
 REAL_GAIN, SCALE_BAND, SINGLE_TASK_FLOOR, LEVEL = 0.02, 0.02, -0.01, 0.95
 ROW_KINDS = ("individual", "merged", "selection", "interference", "diagnostics", "modes")
@@ -258,6 +260,36 @@ def decision_markdown(decisions: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def official_markdown(scores: Mapping, methods: Sequence[str]) -> str:
+    """osrm-official − gaussian, the comparison the official code reports (outside the rule), per method."""
+    lines = ["| method | n | osrm-official − gaussian |", "|---|---:|---:|"]
+    for method in [INDIVIDUAL, *methods]:
+        if (OFFICIAL, method) in scores and (OFFICIAL_BASELINE, method) in scores:
+            seeds = sorted(set(scores[(OFFICIAL, method)]) & set(scores[(OFFICIAL_BASELINE, method)]))
+            if seeds:
+                d = difference(scores, OFFICIAL, OFFICIAL_BASELINE, method, seeds)
+                lines.append(f"| {method} | {len(seeds)} | {points(d)} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else "No paired seeds of both inits yet.\n"
+
+
+def single_task_grid_markdown(results: Mapping[str, Any]) -> str:
+    """Every single-task adapter's report score by seed; * marks one LAGGING or more below its task's median over
+    all adapters (one that barely learned moves its init's merges on that seed far more than the effects studied)."""
+    scores = {(r["init"], r["task"], r["seed"]): r["score"] for r in results["individual"]}
+    medians = {t: statistics.median(s for (_, task, _), s in scores.items() if task == t) for t in results["tasks"]}
+    seeds = sorted({seed for _, _, seed in scores})
+    lines = ["| init | task | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|" + "---:|" * len(seeds)]
+    for init in results["inits"]:
+        for task in results["tasks"]:
+            cells = []
+            for seed in seeds:
+                score = scores.get((init, task, seed))
+                lagging = score is not None and score <= medians[task] - LAGGING
+                cells.append("–" if score is None else f"{100 * score:.1f}{' *' if lagging else ''}")
+            lines.append(f"| {init} | {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def training_check_markdown(results: Mapping[str, Any]) -> str:
     """The issue's check of the kaiming adapters (accuracy on report) against the floors, per seed."""
     lines = ["| seed | " + " | ".join(f"{t} (≥ {100 * f:g})" for t, f in KAIMING_FLOORS.items()) + " | all met |",
@@ -355,8 +387,16 @@ def summarise(folder: Path, out: Path) -> str:
         paired_markdown(results),
         "## Scores: single-task adapters and merges at the selected λ (report rows, mean ± s.d. over seeds)\n",
         table_markdown(selected_lambda_table(results)),
+        "## The official code's comparison (outside the rule)\n",
+        ("The official code reports OSRM against PEFT's gaussian init; the same paired seeds, mean [95 % "
+         "t-interval] in points.\n"),
+        official_markdown(scores, results["methods"]),
         "## Training check: kaiming adapters' accuracy on report against the issue's floors\n",
         training_check_markdown(results),
+        "## Every single-task adapter by seed (report score, %)\n",
+        (f"\\* {100 * LAGGING:g} points or more below the task's median over every adapter of the study: an adapter "
+         "that barely learned, which moves its init's merges on that seed by far more than the effects studied.\n"),
+        single_task_grid_markdown(results),
         "## λ curves (report rows; band: 95 % t-interval over seeds)\n",
         *[f"![{name}](study/plots/lambda_{name}.png)\n" for name, ok in drawn.items() if ok],
         "## Diagnostics (‖ΔW‖, A retention, absolute interference)\n", diagnostics_markdown(results),

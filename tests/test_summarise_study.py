@@ -142,3 +142,28 @@ def test_chunk_device_and_precision_come_from_its_adapter_records(study, tmp_pat
     _adapter_records(tmp_path / "mixed", mixed)
     with pytest.raises(SystemExit, match="mixed devices/precisions"):
         study.training_device(tmp_path / "mixed", 2, ["osrm"], TASKS)
+
+
+def test_official_comparison_is_osrm_official_minus_gaussian_over_paired_seeds(study, folder):
+    _, results = study.load_chunks(folder)
+    table = study.official_markdown(study.per_seed_scores(results), ["task_arithmetic"])
+    values = MERGED["osrm-official"] - MERGED["gaussian"]
+    low, high = t_interval(values)
+    expected = f"| task_arithmetic | 5 | {100 * values.mean():+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] |"
+    assert expected in table.splitlines()
+    assert "| individual | 5 | +0.00 [+0.00, +0.00] |" in table.splitlines()
+
+
+def test_single_task_grid_flags_only_adapters_far_below_their_tasks_median(study, folder):
+    _, results = study.load_chunks(folder)
+    for r in results["individual"]:
+        if (r["init"], r["task"], r["seed"]) == ("osrm", "qnli", 3):
+            r["score"] = 0.8 - study.LAGGING  # exactly the flagging distance below the median (0.8)
+        elif (r["init"], r["task"], r["seed"]) == ("osrm", "sst2", 1):
+            r["score"] = 0.8 - study.LAGGING / 2
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3:-1]
+            for line in study.single_task_grid_markdown(results).splitlines()[2:]}
+    assert rows[("osrm", "qnli")][3].strip() == f"{100 * (0.8 - study.LAGGING):.1f} *"
+    assert rows[("osrm", "sst2")][1].strip() == f"{100 * (0.8 - study.LAGGING / 2):.1f}"
+    flagged = [c for cells in rows.values() for c in cells if "*" in c]
+    assert len(flagged) == 1 and len(rows) == len(results["inits"]) * len(TASKS)
