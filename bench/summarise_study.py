@@ -176,6 +176,13 @@ def per_seed_scores(results: Mapping[str, Any]) -> dict[tuple[str, str], dict[in
     return {key: {seed: score for seed, (score, _) in by_seed.items()} for key, by_seed in chosen.items()}
 
 
+def paired_seeds(scores: Mapping, keys: Sequence[tuple[str, str]]) -> list[int]:
+    """The seeds every (init, method) of `keys` has a score for; none if one of them has no scores at all."""
+    if any(key not in scores for key in keys):
+        return []
+    return sorted(set.intersection(*(set(scores[key]) for key in keys)))
+
+
 def difference(scores: Mapping, a: str, b: str, method: str, seeds: Sequence[int]) -> dict[str, Any]:
     """a − b over `seeds`: per-seed values, mean, s.d. and the t-interval (fractions of 1)."""
     values = [scores[(a, method)][s] - scores[(b, method)][s] for s in seeds]
@@ -198,11 +205,8 @@ def seeds_to_decide(mean: float, sd: float) -> int | None:
 
 def decide(scores: Mapping, candidate: str, method: str) -> dict[str, Any] | None:
     """The decision rule (module docstring) for one candidate and merge method, or None without paired data."""
-    needed = [(candidate, method), (CONTROL, method), (REFERENCE, method), (candidate, INDIVIDUAL),
-              (REFERENCE, INDIVIDUAL)]
-    if any(key not in scores for key in needed):
-        return None
-    seeds = sorted(set.intersection(*(set(scores[key]) for key in needed)))
+    seeds = paired_seeds(scores, [(candidate, method), (CONTROL, method), (REFERENCE, method),
+                                  (candidate, INDIVIDUAL), (REFERENCE, INDIVIDUAL)])
     if not seeds:
         return None
     vs_control = difference(scores, candidate, CONTROL, method, seeds)
@@ -264,11 +268,10 @@ def official_markdown(scores: Mapping, methods: Sequence[str]) -> str:
     """osrm-official − gaussian, the comparison the official code reports (outside the rule), per method."""
     lines = ["| method | n | osrm-official − gaussian |", "|---|---:|---:|"]
     for method in [INDIVIDUAL, *methods]:
-        if (OFFICIAL, method) in scores and (OFFICIAL_BASELINE, method) in scores:
-            seeds = sorted(set(scores[(OFFICIAL, method)]) & set(scores[(OFFICIAL_BASELINE, method)]))
-            if seeds:
-                d = difference(scores, OFFICIAL, OFFICIAL_BASELINE, method, seeds)
-                lines.append(f"| {method} | {len(seeds)} | {points(d)} |")
+        seeds = paired_seeds(scores, [(OFFICIAL, method), (OFFICIAL_BASELINE, method)])
+        if seeds:
+            d = difference(scores, OFFICIAL, OFFICIAL_BASELINE, method, seeds)
+            lines.append(f"| {method} | {len(seeds)} | {points(d)} |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else "No paired seeds of both inits yet.\n"
 
 
