@@ -8,6 +8,8 @@ verdict from the committed files alone.
 results.json (no per-example predictions), with the machine, the chunk's wall and CPU minutes (from
 `/usr/bin/time -v`) and its compute minutes per stage (the cache manifests written during the chunk), into
 bench/results/study/seed<N>_<group>.json. The groups (`GROUPS`): A1 and A2 are the issue's group A (the paper's claim), B is beyond the paper.
+Where a whole group does not fit a session (about 90 minutes per group and seed on a slow 2-core machine), a chunk
+may be part of one, `--inits osrm-reg` (run with the same `--inits`): seed<N>_<group>_<init>[+<init>…].json.
 
 `summary` (the default) reads bench/results/study/*.json only and writes bench/results/study.md and
 bench/results/study/plots/. It needs no torch and no runs/ folder.
@@ -111,13 +113,30 @@ def training_device(run_dir: Path, seed: int, inits: Sequence[str], tasks: Seque
     return found.pop()
 
 
-def export_chunk(run_dir: Path, seed: int, group: str, time_log: Path, out_dir: Path) -> Path:
-    """Write seed<seed>_<group>.json: the chunk's rows from the run's results.json, with its cost and machine."""
+def chunk_inits(group: str, part: Sequence[str] | None = None) -> list[str]:
+    """A chunk's inits in the group's order: the whole group, or the part of it named by `--inits`."""
+    if not part:
+        return list(GROUPS[group])
+    strangers = sorted(set(part) - set(GROUPS[group]))
+    if strangers:
+        sys.exit(f"error: --inits: {strangers} are not in group {group} ({', '.join(GROUPS[group])})")
+    return [i for i in GROUPS[group] if i in part]
+
+
+def chunk_path(out_dir: Path, seed: int, group: str, inits: Sequence[str]) -> Path:
+    """seed<N>_<group>.json for a whole group, seed<N>_<group>_<init>+<init>.json for a part of one."""
+    part = "" if list(inits) == GROUPS[group] else "_" + "+".join(inits)
+    return out_dir / f"seed{seed}_{group}{part}.json"
+
+
+def export_chunk(run_dir: Path, seed: int, group: str, time_log: Path, out_dir: Path,
+                 part: Sequence[str] | None = None) -> Path:
+    """Write the chunk's file (`chunk_path`): its rows from the run's results.json, with its cost and machine."""
     from common import machine  # torch; only the export needs it
     from summarise_quality import stage_minutes
 
     results = json.loads((run_dir / "results.json").read_text())
-    inits = GROUPS[group]
+    inits = chunk_inits(group, part)
     missing = [i for i in inits if i not in results["inits"]]
     if missing:
         sys.exit(f"error: {run_dir / 'results.json'}: inits {missing} are not in the experiment")
@@ -138,7 +157,7 @@ def export_chunk(run_dir: Path, seed: int, group: str, time_log: Path, out_dir: 
         "forecast": {i: f for i, f in (results.get("forecast") or {}).items() if i in inits},
         **mine,
     }
-    path = out_dir / f"seed{seed}_{group}.json"
+    path = chunk_path(out_dir, seed, group, inits)
     write_json(path, record)
     return path
 
@@ -154,6 +173,12 @@ def load_chunks(folder: Path) -> tuple[list[dict], dict[str, Any]]:
     for chunk in chunks:
         if chunk.get("format") != CHUNK_FORMAT:
             sys.exit(f"error: {folder}: seed{chunk.get('seed')}_{chunk.get('group')}.json is not {CHUNK_FORMAT}")
+    seen: set[tuple[int, str]] = set()
+    for chunk in chunks:
+        twice = sorted(i for i in chunk["inits"] if (chunk["seed"], i) in seen)
+        if twice:
+            sys.exit(f"error: {folder}: seed {chunk['seed']}'s {twice} are in more than one chunk file")
+        seen |= {(chunk["seed"], i) for i in chunk["inits"]}
     first, config = chunks[0], chunks[0]["experiment"]["config"]  # experiment.json: the validated study file
     present = {i for c in chunks for i in c["inits"]}
     order = [i for inits in GROUPS.values() for i in inits if i in present]
@@ -352,6 +377,21 @@ def plot_lambda_bands(results: Mapping[str, Any], inits: Sequence[str], path: Pa
     return True
 
 
+def finished_seeds(chunks: Sequence[Mapping[str, Any]]) -> str:
+    """Per group, the seeds whose chunks cover every init of it, and the seeds begun (with the inits done)."""
+    words = []
+    for group, inits in GROUPS.items():
+        done: dict[int, set[str]] = {}
+        for c in chunks:
+            if c["group"] == group:
+                done.setdefault(c["seed"], set()).update(c["inits"])
+        whole = sorted(seed for seed, have in done.items() if have == set(inits))
+        begun = [f"seed {seed}: {', '.join(i for i in inits if i in have)}"
+                 for seed, have in sorted(done.items()) if have != set(inits)]
+        words.append(f"{group} {whole or 'none'}" + (f" (begun: {'; '.join(begun)})" if begun else ""))
+    return "; ".join(words)
+
+
 def chunks_markdown(chunks: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| seed | group | inits | device | wall min | CPU min | peak RSS GB | machine |",
              "|---:|---|---|---|---:|---:|---:|---|"]
@@ -371,8 +411,7 @@ def summarise(folder: Path, out: Path) -> str:
     plots = folder / "plots"
     drawn = {name: plot_lambda_bands(results, inits, plots / f"lambda_{name}.png")
              for name, inits in (("group_a", GROUPS["A1"] + GROUPS["A2"]), ("group_b", [REFERENCE, CONTROL, *GROUPS["B"]]))}
-    done = {g: sorted(c["seed"] for c in chunks if c["group"] == g) for g in GROUPS}
-    finished = "; ".join(f"{group} {seeds or 'none'}" for group, seeds in done.items())
+    finished = finished_seeds(chunks)
     parts = [
         "# The five-seed study (issue 18): is OSRM's gain real, and which mode keeps merged adapters best?\n",
         (f"Setting: bench/study.yaml — {', '.join(results['tasks'])} with `{results['model']}`, LoRA r = 8 on "
@@ -418,15 +457,17 @@ def summarise(folder: Path, out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    chunk = sub.add_parser("chunk", help="keep one finished (seed, group) chunk's compact results")
+    chunk = sub.add_parser("chunk", help="keep one finished (seed, group) chunk's compact results, or a part of one's")
     chunk.add_argument("--seed", type=int, required=True)
     chunk.add_argument("--group", choices=sorted(GROUPS), required=True)
+    chunk.add_argument("--inits", type=lambda text: text.split(","), default=None,
+                       help="a part of the group, comma-separated, as the chunk's run was given (default: all of it)")
     chunk.add_argument("--time-log", type=Path, required=True, help="the chunk's `/usr/bin/time -v` output")
     chunk.add_argument("--run-dir", type=Path, default=Path("runs/study"))
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="the chunk files' folder")
     args = parser.parse_args()
     if args.command == "chunk":
-        print(f"wrote {export_chunk(args.run_dir, args.seed, args.group, args.time_log, args.results)}")
+        print(f"wrote {export_chunk(args.run_dir, args.seed, args.group, args.time_log, args.results, args.inits)}")
     else:
         summarise(args.results, args.results.parent / "study.md")
         print(f"wrote {args.results.parent / 'study.md'}")

@@ -48,8 +48,8 @@ def t_interval(values):
     return values.mean() - half, values.mean() + half
 
 
-def chunk(study, seed: int, group: str) -> dict:
-    inits = study.GROUPS[group]
+def chunk(study, seed: int, group: str, inits: list[str] | None = None) -> dict:
+    inits = inits or study.GROUPS[group]
     individual = [{"init": i, "seed": seed, "task": t, "score": 0.8, "metrics": {"accuracy": 0.8},
                    "primary_metric": "accuracy", "examples": 1000} for i in inits for t in TASKS]
     selection = []
@@ -167,3 +167,33 @@ def test_single_task_grid_flags_only_adapters_far_below_their_tasks_median(study
     assert rows[("osrm", "sst2")][1].strip() == f"{100 * (0.8 - study.LAGGING / 2):.1f}"
     flagged = [c for cells in rows.values() for c in cells if "*" in c]
     assert len(flagged) == 1 and len(rows) == len(results["inits"]) * len(TASKS)
+
+
+def test_a_group_split_into_part_chunks_counts_as_finished_only_when_every_init_is_in(study, tmp_path):
+    whole = study.GROUPS["B"]
+    assert study.chunk_inits("B", None) == whole
+    assert study.chunk_inits("B", [whole[2], whole[0]]) == [whole[0], whole[2]]  # the group's order
+    with pytest.raises(SystemExit, match=r"\['osrm'\] are not in group B"):
+        study.chunk_inits("B", ["osrm"])
+    assert study.chunk_path(tmp_path, 3, "B", whole).name == "seed3_B.json"
+    first = study.chunk_path(tmp_path, 3, "B", whole[:1])
+    assert first.name == f"seed3_B_{whole[0]}.json"
+    for group in ("A1", "A2"):
+        (tmp_path / f"seed3_{group}.json").write_text(json.dumps(chunk(study, 3, group)))
+    first.write_text(json.dumps(chunk(study, 3, "B", whole[:1])))
+    assert "B none (begun: seed 3: " + whole[0] + ")" in study.summarise(tmp_path, tmp_path / "study.md")
+    rest = study.chunk_path(tmp_path, 3, "B", whole[1:])
+    assert rest.name == f"seed3_B_{whole[1]}+{whole[2]}.json"
+    rest.write_text(json.dumps(chunk(study, 3, "B", whole[1:])))
+    text = study.summarise(tmp_path, tmp_path / "study.md")
+    assert "; B [3]. Rebuilt by" in text
+    _, results = study.load_chunks(tmp_path)
+    assert {r["init"] for r in results["individual"]} == set(study.GROUPS["A1"] + study.GROUPS["A2"] + whole)
+
+
+def test_an_init_in_two_chunk_files_of_one_seed_is_refused(study, tmp_path):
+    whole = study.GROUPS["B"]
+    (tmp_path / "seed1_B.json").write_text(json.dumps(chunk(study, 1, "B")))
+    (tmp_path / f"seed1_B_{whole[1]}.json").write_text(json.dumps(chunk(study, 1, "B", whole[1:2])))
+    with pytest.raises(SystemExit, match=rf"seed 1's \['{whole[1]}'\] are in more than one chunk file"):
+        study.load_chunks(tmp_path)
