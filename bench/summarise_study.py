@@ -167,18 +167,18 @@ def export_chunk(run_dir: Path, seed: int, group: str, time_log: Path, out_dir: 
 
 def load_chunks(folder: Path) -> tuple[list[dict], dict[str, Any]]:
     """The committed chunks and one results dict (results.json's layout) of all of them together."""
-    chunks = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*_*.json"))]
-    if not chunks:
+    files = {p: json.loads(p.read_text()) for p in sorted(folder.glob("seed*_*.json"))}
+    if not files:
         sys.exit(f"error: {folder}: no seed<N>_<group>.json chunk files")
-    for chunk in chunks:
+    seen: dict[tuple[int, str], Path] = {}
+    for path, chunk in files.items():
         if chunk.get("format") != CHUNK_FORMAT:
-            sys.exit(f"error: {folder}: seed{chunk.get('seed')}_{chunk.get('group')}.json is not {CHUNK_FORMAT}")
-    seen: set[tuple[int, str]] = set()
-    for chunk in chunks:
+            sys.exit(f"error: {path}: not {CHUNK_FORMAT}")
         twice = sorted(i for i in chunk["inits"] if (chunk["seed"], i) in seen)
         if twice:
-            sys.exit(f"error: {folder}: seed {chunk['seed']}'s {twice} are in more than one chunk file")
-        seen |= {(chunk["seed"], i) for i in chunk["inits"]}
+            sys.exit(f"error: {path}: seed {chunk['seed']}'s {twice} are also in {seen[chunk['seed'], twice[0]].name}")
+        seen |= {(chunk["seed"], i): path for i in chunk["inits"]}
+    chunks = list(files.values())
     first, config = chunks[0], chunks[0]["experiment"]["config"]  # experiment.json: the validated study file
     present = {i for c in chunks for i in c["inits"]}
     order = [i for inits in GROUPS.values() for i in inits if i in present]

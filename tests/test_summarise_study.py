@@ -195,5 +195,5 @@ def test_an_init_in_two_chunk_files_of_one_seed_is_refused(study, tmp_path):
     whole = study.GROUPS["B"]
     (tmp_path / "seed1_B.json").write_text(json.dumps(chunk(study, 1, "B")))
     (tmp_path / f"seed1_B_{whole[1]}.json").write_text(json.dumps(chunk(study, 1, "B", whole[1:2])))
-    with pytest.raises(SystemExit, match=rf"seed 1's \['{whole[1]}'\] are in more than one chunk file"):
+    with pytest.raises(SystemExit, match=rf"seed1_B_{whole[1]}.json: seed 1's \['{whole[1]}'\] are also in seed1_B.json"):
         study.load_chunks(tmp_path)
