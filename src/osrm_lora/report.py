@@ -561,8 +561,8 @@ FORECAST_NOTE = (
     "rows capture, and those of the osrm-contrast rows, each × the share r/d of a random subspace (mean over "
     "modules; docs/modes.md). *starves*: the OSRM rows give the task no clearly larger share than the others "
     "(they starve it as much as they protect the others). Beside it what was measured: the init's individual "
-    "score against the reference init's, and the interference its adapter causes on the other tasks (mean "
-    "of its column of the interference matrix).\n"
+    "score against the reference init's on the same seeds, and the interference its adapter causes on the "
+    "other tasks (mean of its column of the interference matrix).\n"
 )
 
 
@@ -575,9 +575,13 @@ def forecast_markdown(results: Mapping[str, Any]) -> str:
     reference = results.get("reference_init")
     interference = _interference_by_init(results)
 
-    def score(init: str, task: str) -> str:
-        values = [v[task] for (i, _), v in individual.items() if i == init and task in v]
+    def score(init: str, task: str, seeds: set[int] | None = None) -> str:
+        values = [v[task] for (i, s), v in individual.items()
+                  if i == init and task in v and (seeds is None or s in seeds)]
         return f"{100 * statistics.fmean(values):.2f}" if values else "–"
+
+    def seeds_of(init: str) -> set[int]:
+        return {s for (i, s) in individual if i == init}
 
     def caused(init: str, task: str) -> str:
         tasks, m = interference.get(init, ([], []))
@@ -593,7 +597,7 @@ def forecast_markdown(results: Mapping[str, Any]) -> str:
         for task, f in tasks.items():
             shares = " | ".join(f"{f[mode][who]:.3g}" for mode in ("osrm", "contrast") for who in ("own", "others"))
             lines.append(f"| {init} | {task} | {shares} | {f['others_null_dim']} | {_yes_no(f['starves'])} | "
-                         f"{score(init, task)} | {score(reference, task)} | {caused(init, task)} |")
+                         f"{score(init, task)} | {score(reference, task, seeds_of(init))} | {caused(init, task)} |")
     return "\n".join(lines) + "\n"
 
 
