@@ -96,6 +96,22 @@ def test_a_single_task_loss_over_one_point_blocks_a_real_gain(study, folder):
     assert study.decide(scores, "osrm", "task_arithmetic")["verdict"].startswith("undecided")
 
 
+def test_a_reading_on_fewer_seeds_than_the_rule_is_interim(study, folder):
+    for seed in (3, 4):
+        for group in study.GROUPS:
+            (folder / f"seed{seed}_{group}.json").unlink()
+    _, results = study.load_chunks(folder)
+    scores = study.per_seed_scores(results)
+    real = study.decide(scores, "osrm", "task_arithmetic")
+    scale = study.decide(scores, "osrm-official", "task_arithmetic")
+    assert real["verdict"] == "real so far (interim, n = 3 of 5)"
+    assert scale["verdict"] == "scale artefact so far (interim, n = 3 of 5)"
+    assert study.verdict_words(real).startswith("osrm, task_arithmetic: interim, n = 3 of the rule's 5 seeds")
+    assert "the gain is real" in study.verdict_words(real)
+    assert "an artefact of scale" in study.verdict_words(scale)
+    assert study.decide(scores, "osrm-reg", "task_arithmetic")["verdict"] == "undecided at n = 3"
+
+
 def test_seeds_to_decide_is_the_first_n_whose_interval_decides(study):
     def decides(n, mean, sd):
         half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
