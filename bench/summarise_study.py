@@ -25,7 +25,8 @@ t-intervals of the per-seed paired differences of the report average at each see
   random-orthonormal − kaiming accounts for X − kaiming: its interval excludes 0 on the side of X − kaiming's
   mean (the scale change alone moves the score the way X does);
 - otherwise "undecided at n", with the n at which the measured mean and s.d. of X − random-orthonormal would
-  reach one of the two (`seeds_to_decide`), or none where the mean itself sits between the thresholds.
+  reach one of the two (`seeds_to_decide`); none where the mean sits near a threshold, or where X trails
+  random-orthonormal by more than 2 points (a loss, which neither verdict covers).
 
 The rule decides at n = 5 (`RULE_SEEDS`); a "real" or "scale artefact" reading on fewer seeds is labelled
 interim, as stopping at the first favourable n would inflate the chance of a false verdict.
@@ -280,8 +281,11 @@ def verdict_words(d: Mapping[str, Any]) -> str:
         more = "one seed has no interval: the number of seeds that decides it needs a second seed's spread"
     elif n is not None:
         more = f"about n = {n} seeds would decide it if the mean and s.d. stay as measured"
+    elif d["vs_control"]["mean"] <= -SCALE_BAND:
+        more = (f"no number of seeds would reach a verdict: it trails random-orthonormal by more than "
+                f"{100 * SCALE_BAND:.0f} points, a loss the rule has no verdict for")
     else:
-        more = "no affordable number of seeds would decide it (its mean sits on a threshold)"
+        more = "no affordable number of seeds would decide it (its mean sits near a threshold)"
     return head + (f"{d['verdict']} — vs random-orthonormal {points(d['vs_control'])}, vs kaiming "
                    f"{points(d['vs_reference'])}, random-orthonormal vs kaiming {points(d['control_vs_reference'])}, "
                    f"single-task {100 * d['single_task']['mean']:+.2f}; {more}.")

@@ -124,6 +124,20 @@ def test_seeds_to_decide_is_the_first_n_whose_interval_decides(study):
     assert study.seeds_to_decide(0.021, math.nan) is None
 
 
+def test_a_loss_against_the_control_is_worded_as_no_verdict_not_a_threshold(study, folder):
+    _, results = study.load_chunks(folder)
+    scores = study.per_seed_scores(results)
+    scores[("osrm-reg", "task_arithmetic")] = {s: v - 0.1 for s, v in scores[("random-orthonormal", "task_arithmetic")].items()}
+    loss = study.decide(scores, "osrm-reg", "task_arithmetic")
+    assert loss["verdict"] == "undecided at n = 5" and loss["n_to_decide"] is None
+    assert "trails random-orthonormal by more than 2 points" in study.verdict_words(loss)
+    centred = NOISE[5] - NOISE[5].mean()  # a mean of exactly 1.99 points: inside ±2, decided only past 10,000
+    scores[("osrm-reg", "task_arithmetic")] = {s: v + 0.0199 + 0.03 * centred[s] for s, v in
+                                               scores[("random-orthonormal", "task_arithmetic")].items()}
+    near = study.decide(scores, "osrm-reg", "task_arithmetic")
+    assert near["n_to_decide"] is None and "sits near a threshold" in study.verdict_words(near)
+
+
 def test_summary_is_rebuilt_from_the_chunk_files_alone(study, folder):
     text = study.summarise(folder, folder / "study.md")
     assert (folder / "study.md").read_text() == text
