@@ -267,7 +267,7 @@ def points(d: Mapping[str, float]) -> str:
 def verdict_words(d: Mapping[str, Any]) -> str:
     """One decision in plain words."""
     head = f"{d['candidate']}, {d['method']}: "
-    if len(d["seeds"]) < RULE_SEEDS and not d["verdict"].startswith("undecided"):
+    if "interim" in d["verdict"]:
         head += f"interim, n = {len(d['seeds'])} of the rule's {RULE_SEEDS} seeds, so not a verdict yet: "
     if d["verdict"].startswith("real"):
         return head + (f"the gain is real — {points(d['vs_control'])} points over random-orthonormal and "
