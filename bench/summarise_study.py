@@ -82,7 +82,7 @@ OFFICIAL, OFFICIAL_BASELINE = "osrm-official", "gaussian"  # the official code's
 LAGGING = 0.05  # a single-task adapter this far below its task's median over every adapter is flagged
 KAIMING_FLOORS = {"sst2": 0.85, "qnli": 0.75, "mnli": 0.60, "qqp": 0.75}  # the seed-0 training check
 REAL_GAIN, SCALE_BAND, SINGLE_TASK_FLOOR, LEVEL = 0.02, 0.02, -0.01, 0.95
-RULE_SEEDS = 5  # the rule decides at n = 5: a "real" or "scale artefact" reading on fewer seeds is interim
+RULE_SEEDS = 5  # the n at which the rule decides (module docstring)
 ROW_KINDS = ("individual", "merged", "selection", "interference", "diagnostics", "modes")
 
 
